@@ -1,0 +1,27 @@
+# Every target creates .venv on first use. TORCH_SPEC picks the torch build (a CUDA wheel on a GPU box).
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	# --no-build-isolation: build against the torch installed above, never a second download.
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m bench.op --preset resnet50
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench/out

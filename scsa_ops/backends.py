@@ -1,0 +1,81 @@
+"""Which implementation runs a call: the backend chosen at construction, overridden by the
+environment (SCSA_OPS_BACKEND=eager turns every fused path off), checked against the input's
+device. Returns a provider for scsa_ops.function, or None for the eager math."""
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpp", "eager")
+ENV_VAR = "SCSA_OPS_BACKEND"
+MIN_CUDA_CAPABILITY = (8, 0)  # bf16 loads and fp64 dots in the kernels
+
+_warned = set()
+_triton = None
+
+
+def _warn_once(msg):
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"SCSA: unknown backend {backend!r}; expected one of {BACKENDS}")
+    return backend
+
+
+def triton_provider():
+    """(provider, None) or (None, why it is unavailable)."""
+    global _triton
+    if _triton is None:
+        try:
+            from .ops import triton as provider
+            _triton = (provider, None)
+        except ImportError as e:  # no wheel for this platform, or a broken install
+            _triton = (None, f"Triton is not importable ({e})")
+    return _triton
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_for(x):
+    provider, why = triton_provider()
+    if provider is None:
+        return None, why
+    if x.is_cuda:
+        cap = torch.cuda.get_device_capability(x.device)
+        if cap < MIN_CUDA_CAPABILITY:
+            return None, (f"the Triton kernels need a GPU of compute capability >= {MIN_CUDA_CAPABILITY}, "
+                          f"{torch.cuda.get_device_name(x.device)} has {cap}")
+        return provider, None
+    if x.device.type == "cpu" and interpreting():
+        return provider, None
+    return None, (f"backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before triton is "
+                  f"imported to run its kernels on the CPU; got a tensor on {x.device}")
+
+
+def _cpp_for(x):
+    return None, "the C++ extension (scsa_ops._C) is not built in this version"
+
+
+def resolve(backend, x, fusable, fits):
+    """Provider for this call, or None for eager. `fusable`: the configuration has a fused path;
+    `fits(provider)`: the input's shape is within that provider's limits."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        backend = check_backend(env)
+    if backend == "eager" or not fusable:
+        return None
+    if backend == "auto":
+        provider, why = _triton_for(x) if x.is_cuda else _cpp_for(x)
+        if provider is None:
+            _warn_once(f"SCSA: backend='auto' falls back to the eager module: {why}")
+    else:
+        provider, why = (_triton_for if backend == "triton" else _cpp_for)(x)
+        if provider is None:
+            raise RuntimeError(f"SCSA: backend={backend!r} is unavailable: {why}")
+    return provider if provider is not None and fits(provider) else None

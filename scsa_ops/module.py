@@ -1,0 +1,49 @@
+"""`scsa_ops.SCSA`: the reference module's parameters and state dict, dispatched to a fused path.
+
+Fused (Triton on CUDA, or on CPU tensors under TRITON_INTERPRET=1): avg_pool or global pooling,
+sigmoid or softmax gates, any head_num / kernel sizes / qkv_bias, attention dropout in eval mode,
+rows up to 8192 padded elements wide. Everything else runs the eager math with the same
+parameters: down_sample_mode='max_pool', attention dropout while training, an empty batch.
+"""
+from typing import Optional, Sequence
+
+from . import backends
+from .function import PARAM_NAMES, Config, fused_scsa
+from .reference import SCSA as ReferenceSCSA
+from .reference import check_input, window_of
+
+
+class SCSA(ReferenceSCSA):
+    """Drop-in SCSA: official constructor plus `backend` ('auto' | 'triton' | 'cpp' | 'eager')."""
+
+    def __init__(self, dim: int, head_num: int = 1, window_size: int = 7,
+                 group_kernel_sizes: Sequence[int] = (3, 5, 7, 9), qkv_bias: bool = False,
+                 fuse_bn: bool = False, norm_cfg: Optional[dict] = None, act_cfg: Optional[dict] = None,
+                 down_sample_mode: str = "avg_pool", attn_drop_ratio: float = 0.0,
+                 gate_layer: str = "sigmoid", backend: str = "auto"):
+        super().__init__(dim, head_num, window_size, group_kernel_sizes, qkv_bias, fuse_bn, norm_cfg,
+                         act_cfg, down_sample_mode, attn_drop_ratio, gate_layer)
+        self.backend = backends.check_backend(backend)
+        self.config = Config(head_num, window_size, self.group_kernel_sizes, gate_layer)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+    def fusable(self, x):
+        return (x.shape[0] > 0
+                and (self.down_sample_mode == "avg_pool" or self.window_size == -1)
+                and not (self.training and self.attn_drop_ratio > 0))
+
+    def forward(self, x):
+        check_input(self, x)
+        window_w = window_of(self.window_size, *x.shape[2:])[1]
+        provider = backends.resolve(self.backend, x, self.fusable(x),
+                                    lambda p: p.fits(x.shape[3], window_w))
+        if provider is None:
+            return self.eager_forward(x)
+        params = self.state_dict_params()
+        return fused_scsa(x, params, self.config, provider)
+
+    def state_dict_params(self):
+        named = dict(self.named_parameters())
+        return [named.get(n) for n in PARAM_NAMES]

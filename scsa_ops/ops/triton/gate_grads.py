@@ -1,0 +1,83 @@
+"""First full-size pass of the backward (DESIGN.md section 3): one read of g and X yields every
+sum the gate gradients need, so the small graphs can be differentiated without touching X again.
+
+Per program: BLOCK_C channels of one sample, one row of pooling windows (KH rows; the rows and
+columns that no window covers form one extra, partial window so that r and s see all of X):
+  R[b,c,h]    = sum_w g X a_w              -> dL/da_h direct part, and dL/da_c = sum_h a_h R
+  S[b,c,i,w]  = sum_{h in row i} g X a_h   -> dL/da_w direct part after a sum over i
+  U[b,c,h,j]  = sum_{w in window j} X a_w  -> dL/da_h through the pooled path (with dY)
+  V[b,c,i,w]  = sum_{h in row i} X a_h     -> dL/da_w through the pooled path (with dY)
+Outputs are about 3/7 of X in fp32; each element is written by exactly one program."""
+import triton
+import triton.language as tl
+
+from .utils import alloc, channel_block, lt_block, num_warps, tl_dtype, window_tile
+
+
+@triton.jit
+def _gate_grads_bwd_kernel(
+    g_ptr,  # (B, C, H, W) upstream gradient, any strides
+    x_ptr,  # (B, C, H, W) forward input, any strides
+    ah_ptr,  # (B, C, H)
+    aw_ptr,  # (B, C, W)
+    r_ptr,  # (B, C, H) out
+    s_ptr,  # (B, C, HC, W) out, HC = cdiv(H, KH)
+    u_ptr,  # (B, C, HO * KH, WO) out
+    v_ptr,  # (B, C, HO, WO * KW) out
+    C, H, W, HC, HO, WO, KH, KW,
+    sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw,
+    BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):
+    n_cblk = tl.cdiv(C, BLOCK_C)
+    b = tl.program_id(0) // n_cblk
+    c = (tl.program_id(0) % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i = tl.program_id(1)
+    j = tl.arange(0, BLOCK_J)
+    t = tl.arange(0, BLOCK_K)
+    w = j[:, None] * KW + t[None, :]
+    c_ok = c < C
+    full_row = c_ok & lt_block(i, HO, c)  # window row i is a whole one, not the leftover rows
+    w_ok = (w < W) & (t < KW)[None, :]
+    m = c_ok[:, None, None] & w_ok[None, :, :]
+    b64, c64, w64 = b.to(tl.int64), c.to(tl.int64), w.to(tl.int64)
+    bc = b64 * C + c64
+    g_plane = g_ptr + b64 * sgb + c64[:, None, None] * sgc + w64[None, :, :] * sgw
+    x_plane = x_ptr + b64 * sxb + c64[:, None, None] * sxc + w64[None, :, :] * sxw
+    a_w = tl.load(aw_ptr + bc[:, None, None] * W + w[None, :, :], mask=m, other=0.0).to(ACC)
+    s_acc = tl.zeros([BLOCK_C, BLOCK_J, BLOCK_K], ACC)
+    v_acc = tl.zeros([BLOCK_C, BLOCK_J, BLOCK_K], ACC)
+    for r in range(KH):
+        h = i * KH + r
+        h64 = h.to(tl.int64)
+        row_ok = c_ok & lt_block(h, H, c)
+        mh = m & row_ok[:, None, None]
+        g = tl.load(g_plane + h64 * sgh, mask=mh, other=0.0).to(ACC)
+        x = tl.load(x_plane + h64 * sxh, mask=mh, other=0.0).to(ACC)
+        a_h = tl.load(ah_ptr + bc * H + h, mask=row_ok, other=0.0).to(ACC)[:, None, None]
+        gx = g * x
+        tl.store(r_ptr + bc * H + h, tl.sum(tl.sum(gx * a_w, axis=2), axis=1), mask=row_ok)
+        s_acc += gx * a_h
+        v_acc += x * a_h
+        tl.store(u_ptr + (bc[:, None] * (HO * KH) + h) * WO + j[None, :], tl.sum(x * a_w, axis=2),
+                 mask=full_row[:, None] & (j < WO)[None, :])
+    tl.store(s_ptr + (bc[:, None, None] * HC + i) * W + w[None, :, :], s_acc, mask=m)
+    tl.store(v_ptr + (bc[:, None, None] * HO + i) * (WO * KW) + w[None, :, :], v_acc,
+             mask=m & full_row[:, None, None] & (j < WO)[None, :, None])
+
+
+def gate_grads(g, x, ah, aw, window):
+    """R (B,C,H), S (B,C,HC,W), U (B,C,HO*KH,WO), V (B,C,HO,WO*KW) as documented above."""
+    B, C, H, W = x.shape
+    kh, kw = window
+    ho, wo, hc = H // kh, W // kw, triton.cdiv(H, kh)
+    bj, bk = window_tile(W, kw)
+    bc = channel_block(bj * bk, C)
+    acc = ah.dtype
+    r = alloc((B, C, H), acc, x.device)
+    s = alloc((B, C, hc, W), acc, x.device)
+    u = alloc((B, C, ho * kh, wo), acc, x.device)
+    v = alloc((B, C, ho, wo * kw), acc, x.device)
+    _gate_grads_bwd_kernel[(B * triton.cdiv(C, bc), hc)](
+        g, x, ah, aw, r, s, u, v, C, H, W, hc, ho, wo, kh, kw, *g.stride(), *x.stride(),
+        BLOCK_C=bc, BLOCK_J=bj, BLOCK_K=bk, ACC=tl_dtype(acc), num_warps=num_warps(bc * bj * bk))
+    return r, s, u, v

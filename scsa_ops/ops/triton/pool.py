@@ -1,0 +1,54 @@
+"""F1 of DESIGN.md: row and column means of X in one read.
+
+Each program owns BLOCK_C channels of one sample and a band of ROWS rows, whole rows wide: row
+sums are complete in-program, column sums are per band and summed by the spatial-gate kernel
+(deterministic, no atomics), which keeps enough programs in flight for small batches."""
+import triton
+import triton.language as tl
+
+from .utils import alloc, channel_block, lt_block, num_warps, pow2, tl_dtype
+
+ROWS = 8
+
+
+@triton.jit
+def _pool_fwd_kernel(
+    x_ptr,  # (B, C, H, W), any strides
+    ph_ptr,  # (B, C, H) row sums, contiguous
+    pw_ptr,  # (NBANDS, B, C, W) column sums over each band of ROWS rows, contiguous
+    B, C, H, W,
+    sxb, sxc, sxh, sxw,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr,
+):
+    n_cblk = tl.cdiv(C, BLOCK_C)
+    b = tl.program_id(0) // n_cblk
+    c = (tl.program_id(0) % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    band = tl.program_id(1)
+    w = tl.arange(0, BLOCK_W)
+    c_ok, w_ok = c < C, w < W
+    b64, c64, w64 = b.to(tl.int64), c.to(tl.int64), w.to(tl.int64)
+    plane = x_ptr + b64 * sxb + c64[:, None] * sxc + w64[None, :] * sxw
+    col = tl.zeros([BLOCK_C, BLOCK_W], ACC)
+    for r in range(ROWS):
+        h = band * ROWS + r
+        row_ok = c_ok & lt_block(h, H, c)
+        m = row_ok[:, None] & w_ok[None, :]
+        x = tl.load(plane + h.to(tl.int64) * sxh, mask=m, other=0.0).to(ACC)
+        tl.store(ph_ptr + (b64 * C + c64) * H + h, tl.sum(x, axis=1), mask=row_ok)
+        col += x
+    tl.store(pw_ptr + ((band * B + b64) * C + c64[:, None]) * W + w64[None, :], col,
+             mask=c_ok[:, None] & w_ok[None, :])
+
+
+def pool(x, acc):
+    """Row sums (B, C, H) and banded column sums (NBANDS, B, C, W), in `acc` dtype."""
+    B, C, H, W = x.shape
+    bw = pow2(W)
+    bc = channel_block(bw, C)
+    nbands = triton.cdiv(H, ROWS)
+    ph = alloc((B, C, H), acc, x.device)
+    pw = alloc((nbands, B, C, W), acc, x.device)
+    _pool_fwd_kernel[(B * triton.cdiv(C, bc), nbands)](
+        x, ph, pw, B, C, H, W, *x.stride(),
+        ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw, ACC=tl_dtype(acc), num_warps=num_warps(bc * bw))
+    return ph, pw

@@ -1,0 +1,163 @@
+"""Pure-PyTorch SCSA: the oracle every fused path is tested against, and the eager backend.
+
+The math follows DESIGN.md section 1 (the official HZAI-ZJNU/SCSA module); tests pin it to float64
+vectors produced by the official code. The two small sub-graphs (`spatial_gate`,
+`channel_attention_logits`) are also what the fused backward differentiates with autograd on
+recomputed small tensors, so they are written as plain functions of tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GATES = ("sigmoid", "softmax")
+DOWN_SAMPLE_MODES = ("avg_pool", "max_pool")
+CONV_NAMES = ("local_dwc", "global_dwc_s", "global_dwc_m", "global_dwc_l")
+EPS = 1e-5
+
+
+def spatial_gate(p, conv_weights, conv_biases, norm_weight, norm_bias, gate):
+    """(B, C, L) row or column means -> (B, C, L) gate: 4 depthwise convs, GroupNorm(4), gate."""
+    groups = p.chunk(4, dim=1)
+    z = torch.cat([F.conv1d(pg, w, b, padding=w.shape[-1] // 2, groups=pg.shape[1])
+                   for pg, w, b in zip(groups, conv_weights, conv_biases)], dim=1)
+    z = F.group_norm(z, 4, norm_weight, norm_bias, EPS)
+    return z.softmax(dim=2) if gate == "softmax" else z.sigmoid()
+
+
+def channel_attention_logits(y, norm_weight, norm_bias, qkv_weights, qkv_biases, head_num,
+                             attn_drop=0.0, training=False):
+    """(B, C, H', W') pooled map -> (B, C) pre-gate logits `o` (DESIGN.md steps 7-10).
+
+    Uses mean_n(P V) = P @ mean_n(V), exact in real arithmetic (also with dropout on P)."""
+    b, c = y.shape[:2]
+    y = F.group_norm(y, 1, norm_weight, norm_bias, EPS).flatten(2)
+    q, k, v = (y * w.view(1, c, 1) + (0 if bias is None else bias.view(1, c, 1))
+               for w, bias in zip(qkv_weights, qkv_biases))
+    d, n = c // head_num, y.shape[2]
+    q, k = q.view(b, head_num, d, n), k.view(b, head_num, d, n)
+    attn = (q @ k.transpose(-2, -1) * d ** -0.5).softmax(dim=-1)
+    attn = F.dropout(attn, attn_drop, training)
+    vbar = v.mean(dim=-1).view(b, head_num, d, 1)
+    return (attn @ vbar).view(b, c)
+
+
+def channel_gate(o, gate):
+    return o.softmax(dim=1) if gate == "softmax" else o.sigmoid()
+
+
+def window_of(window_size, h, w):
+    """Pooling window (kh, kw): global pooling is a window the size of the map."""
+    return (h, w) if window_size == -1 else (window_size, window_size)
+
+
+def check_config(dim, head_num, window_size, group_kernel_sizes, down_sample_mode,
+                 attn_drop_ratio, gate_layer):
+    if not isinstance(dim, int) or dim <= 0 or dim % 4:
+        raise ValueError(f"SCSA: dim must be a positive multiple of 4 (four channel groups), got {dim}")
+    if not isinstance(head_num, int) or head_num <= 0 or dim % head_num:
+        raise ValueError(f"SCSA: dim={dim} must be divisible by head_num={head_num}")
+    if not isinstance(window_size, int) or (window_size != -1 and window_size < 1):
+        raise ValueError(f"SCSA: window_size must be a positive int or -1 (global), got {window_size!r}")
+    ks = tuple(group_kernel_sizes)
+    if len(ks) != 4 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in ks):
+        raise ValueError(f"SCSA: group_kernel_sizes must be four odd positive ints, got {ks}")
+    if down_sample_mode == "recombination":
+        raise ValueError("SCSA: down_sample_mode='recombination' is not supported: the official module "
+                         "calls a space_to_chans method it never defines; use 'avg_pool' or 'max_pool'")
+    if down_sample_mode not in DOWN_SAMPLE_MODES:
+        raise ValueError(f"SCSA: unknown down_sample_mode {down_sample_mode!r}; expected one of {DOWN_SAMPLE_MODES}")
+    if gate_layer not in GATES:
+        raise ValueError(f"SCSA: unknown gate_layer {gate_layer!r}; expected one of {GATES}")
+    if not 0.0 <= attn_drop_ratio < 1.0:
+        raise ValueError(f"SCSA: attn_drop_ratio must be in [0, 1), got {attn_drop_ratio}")
+    return ks
+
+
+def check_input(module, x):
+    """Shape/dtype/device checks shared by every backend, raised before any kernel runs."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"SCSA: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"SCSA: expected a 4-D input (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"SCSA: expected a floating-point input (float16/bfloat16/float32/float64), got {x.dtype}")
+    if x.shape[1] != module.dim:
+        raise ValueError(f"SCSA: input has {x.shape[1]} channels but the module was built with dim={module.dim} "
+                         f"(shape {tuple(x.shape)})")
+    h, w = x.shape[2:]
+    if module.window_size != -1 and (h < module.window_size or w < module.window_size):
+        raise ValueError(f"SCSA: input spatial size {h}x{w} (shape {tuple(x.shape)}) is smaller than "
+                         f"window_size={module.window_size}; use a smaller window or window_size=-1")
+    for name, p in module.named_parameters():
+        if p.device != x.device:
+            raise ValueError(f"SCSA: parameter {name} is on {p.device} but the input is on {x.device}")
+
+
+class SCSA(nn.Module):
+    """Reference SCSA with the official constructor, options and state-dict names.
+
+    `fuse_bn`, `norm_cfg` and `act_cfg` are accepted (and unused, as in the official code) so that
+    official configs construct unchanged."""
+
+    def __init__(self, dim: int, head_num: int = 1, window_size: int = 7,
+                 group_kernel_sizes: Sequence[int] = (3, 5, 7, 9), qkv_bias: bool = False,
+                 fuse_bn: bool = False, norm_cfg: Optional[dict] = None, act_cfg: Optional[dict] = None,
+                 down_sample_mode: str = "avg_pool", attn_drop_ratio: float = 0.0,
+                 gate_layer: str = "sigmoid"):
+        super().__init__()
+        ks = check_config(dim, head_num, window_size, group_kernel_sizes, down_sample_mode,
+                          attn_drop_ratio, gate_layer)
+        self.dim, self.head_num, self.head_dim = dim, head_num, dim // head_num
+        self.scaler = self.head_dim ** -0.5
+        self.group_kernel_sizes = ks
+        self.window_size = window_size
+        self.qkv_bias = qkv_bias
+        self.fuse_bn = fuse_bn
+        self.down_sample_mode = down_sample_mode
+        self.attn_drop_ratio = attn_drop_ratio
+        self.gate_layer = gate_layer
+        self.group_chans = g = dim // 4
+        for name, k in zip(CONV_NAMES, ks):
+            setattr(self, name, nn.Conv1d(g, g, kernel_size=k, padding=k // 2, groups=g))
+        self.norm_h = nn.GroupNorm(4, dim)
+        self.norm_w = nn.GroupNorm(4, dim)
+        self.norm = nn.GroupNorm(1, dim)
+        self.q = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim)
+        self.k = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim)
+        self.v = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim)
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, head_num={self.head_num}, window_size={self.window_size}, "
+                f"group_kernel_sizes={self.group_kernel_sizes}, qkv_bias={self.qkv_bias}, "
+                f"down_sample_mode={self.down_sample_mode!r}, attn_drop_ratio={self.attn_drop_ratio}, "
+                f"gate_layer={self.gate_layer!r}")
+
+    def convs(self):
+        return [getattr(self, n) for n in CONV_NAMES]
+
+    def forward(self, x):
+        check_input(self, x)
+        return self.eager_forward(x)
+
+    def eager_forward(self, x):
+        convs = self.convs()
+        cw, cb = [m.weight for m in convs], [m.bias for m in convs]
+        a_h = spatial_gate(x.mean(dim=3), cw, cb, self.norm_h.weight, self.norm_h.bias, self.gate_layer)
+        a_w = spatial_gate(x.mean(dim=2), cw, cb, self.norm_w.weight, self.norm_w.bias, self.gate_layer)
+        xs = x * a_h.unsqueeze(3) * a_w.unsqueeze(2)
+        if self.window_size == -1:
+            y = xs.mean(dim=(2, 3), keepdim=True)
+        elif self.down_sample_mode == "max_pool":
+            y = F.max_pool2d(xs, self.window_size, self.window_size)
+        else:
+            y = F.avg_pool2d(xs, self.window_size, self.window_size)
+        o = channel_attention_logits(
+            y, self.norm.weight, self.norm.bias, (self.q.weight, self.k.weight, self.v.weight),
+            (self.q.bias, self.k.bias, self.v.bias), self.head_num, self.attn_drop_ratio, self.training)
+        a_c = channel_gate(o, self.gate_layer)
+        return xs * a_c.view(*a_c.shape, 1, 1)
+

@@ -1,0 +1,140 @@
+"""The fused Triton path against the package's reference: forward, the input gradient and every
+parameter gradient, on random data and random parameters, across the options of DESIGN.md."""
+import pytest
+import torch
+
+from helpers import DEVICE, TOL, grad_err, pair, rel_err, run
+from scsa_ops import SCSA, SCSAFunction
+from scsa_ops.function import PARAM_NAMES
+
+# (constructor kwargs, input shape)
+CONFIGS = [
+    (dict(dim=8), (1, 8, 14, 14)),
+    (dict(dim=16), (3, 16, 7, 7)),                                  # exactly one window
+    (dict(dim=16, head_num=2), (2, 16, 17, 23)),                    # non-multiples of 7, non-square
+    (dict(dim=32, head_num=4, qkv_bias=True), (2, 32, 15, 9)),
+    (dict(dim=64, head_num=8), (1, 64, 14, 21)),
+    (dict(dim=32, window_size=-1), (2, 32, 11, 6)),                 # global pooling
+    (dict(dim=24, head_num=3, window_size=-1, qkv_bias=True), (3, 24, 5, 13)),
+    (dict(dim=16, gate_layer="softmax"), (2, 16, 14, 20)),
+    (dict(dim=32, gate_layer="softmax", head_num=2, window_size=5), (1, 32, 12, 18)),
+    (dict(dim=16, group_kernel_sizes=(1, 3, 5, 7)), (2, 16, 21, 8)),
+    (dict(dim=8, group_kernel_sizes=(9, 7, 11, 3), window_size=3), (3, 8, 10, 29)),
+    (dict(dim=32, attn_drop_ratio=0.3), (2, 32, 9, 9)),             # eval mode: dropout is identity
+]
+
+
+def _ids(configs):
+    return ["-".join(f"{k}={v}" for k, v in c.items()) + f"-{'x'.join(map(str, s))}" for c, s in configs]
+
+
+@pytest.mark.parametrize("cfg,shape", CONFIGS, ids=_ids(CONFIGS))
+def test_fp64_matches_reference(cfg, shape):
+    ref, fused = pair(cfg)
+    ref.eval(), fused.eval()
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    go = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    out_r, dx_r, dp_r = run(ref, x, go)
+    out_f, dx_f, dp_f = run(fused, x, go)
+    assert rel_err(out_f, out_r) < TOL[torch.float64]
+    assert rel_err(dx_f, dx_r) < TOL[torch.float64]
+    errs = grad_err(dp_f, dp_r)
+    assert max(errs.values()) < 1e-11, errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("cfg,shape", [CONFIGS[2], CONFIGS[5], CONFIGS[8]], ids=_ids([CONFIGS[2], CONFIGS[5], CONFIGS[8]]))
+def test_low_precision(cfg, shape, dtype, channels_last):
+    """Within DESIGN.md's tolerance of fp64, and (flash-attention's rule) within 2x the error of
+    the same-precision eager module, for the output, dx and every parameter gradient."""
+    ref, fused = pair(cfg)
+    eager = pair(cfg, backend="eager")[1]
+    fused, eager = fused.to(dtype), eager.to(dtype)
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    go = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    xl = x.to(dtype)
+    if channels_last:
+        xl = xl.to(memory_format=torch.channels_last)
+    out_r, dx_r, dp_r = run(ref, x, go)
+    out_f, dx_f, dp_f = run(fused, xl, go)
+    out_e, dx_e, dp_e = run(eager, x.to(dtype), go)
+    assert out_f.dtype == dtype and dx_f.dtype == dtype
+    assert out_f.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert dx_f.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert rel_err(out_f, out_r) < TOL[dtype]
+    assert rel_err(dx_f, dx_r) < TOL[dtype]
+    assert rel_err(out_f, out_r) <= 2 * rel_err(out_e, out_r) + 1e-6
+    assert rel_err(dx_f, dx_r) <= 2 * rel_err(dx_e, dx_r) + 1e-6
+    e_f, e_e = grad_err(dp_f, dp_r), grad_err(dp_e, dp_r)
+    for n in e_f:
+        assert e_f[n] <= 2 * e_e[n] + 4 * TOL[dtype] * (dtype != torch.float32) + 1e-5, (n, e_f[n], e_e[n])
+
+
+def test_non_dense_strides():
+    """Any strides are read as they are (here a slice and a transposed view); the output is dense."""
+    cfg = dict(dim=16, head_num=2)
+    ref, fused = pair(cfg)
+    base = torch.randn(2, 32, 23, 17, dtype=torch.float64, device=DEVICE)
+    x = base[:, ::2].transpose(2, 3)  # (2, 16, 17, 23), neither NCHW- nor NHWC-contiguous
+    go = torch.randn(x.shape, dtype=torch.float64, device=DEVICE)
+    out_r, dx_r, _ = run(ref, x.contiguous(), go)
+    out_f = fused(x)
+    assert rel_err(out_f, out_r) < 1e-12
+    # A stride-0 upstream gradient (what .sum() hands back) is read in place too.
+    xf = x.clone().requires_grad_()
+    fused(xf).sum().backward()
+    xr = x.clone().requires_grad_()
+    ref(xr).sum().backward()
+    assert rel_err(xf.grad, xr.grad) < 1e-12
+
+
+def test_gradcheck_autograd_function():
+    from scsa_ops.backends import triton_provider
+
+    cfg = dict(dim=8, head_num=2, qkv_bias=True, window_size=3, gate_layer="softmax")
+    _, fused = pair(cfg)
+    x = torch.randn(1, 8, 7, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    params = fused.state_dict_params()
+    fn = lambda x, *p: SCSAFunction.apply(x, triton_provider()[0], fused.config, *p)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
+
+
+def test_param_order_matches_module():
+    named = dict(pair(dict(dim=8, qkv_bias=True))[1].named_parameters())
+    assert set(PARAM_NAMES) == set(named)
+
+
+@pytest.mark.parametrize("cfg,shape", [CONFIGS[3], CONFIGS[7]], ids=_ids([CONFIGS[3], CONFIGS[7]]))
+def test_deterministic(cfg, shape):
+    _, fused = pair(cfg)
+    fused = fused.float()
+    x = torch.randn(shape, device=DEVICE)
+    go = torch.randn(shape, device=DEVICE)
+    first, second = run(fused, x, go), run(fused, x, go)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert all(torch.equal(first[2][n], second[2][n]) for n in first[2])
+
+
+def test_empty_batch():
+    m = SCSA(16, backend="triton").to(DEVICE)
+    x = torch.randn(0, 16, 14, 14, device=DEVICE, requires_grad=True)
+    out = m(x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_mixed_precision_parameters():
+    """fp32 parameters with a half input (what autocast-free AMP setups do): fp32 statistics,
+    half output, parameter gradients in the parameters' dtype."""
+    cfg = dict(dim=16, head_num=2)
+    ref, fused = pair(cfg)
+    fused = fused.float()
+    x = torch.randn(2, 16, 14, 14, dtype=torch.float64, device=DEVICE)
+    go = torch.randn_like(x)
+    out_r, dx_r, dp_r = run(ref, x, go)
+    out_f, dx_f, dp_f = run(fused, x.half(), go)
+    assert out_f.dtype == torch.float16 and all(g.dtype == torch.float32 for g in dp_f.values())
+    assert rel_err(out_f, out_r) < TOL[torch.float16]
+    assert rel_err(dx_f, dx_r) < TOL[torch.float16]
