@@ -79,9 +79,9 @@ class SCSAFunction(torch.autograd.Function):
             dy = dy / (kh * kw)
             a_c = a_c.detach()
             dah = a_c[..., None] * r
-            dah[:, :, :ho * kh] += (dy.repeat_interleave(kh, dim=2) * u).sum(-1)
+            dah[:, :, :ho * kh] += (u.unflatten(2, (ho, kh)) * dy.unsqueeze(3)).sum(-1).flatten(2)
             daw = a_c[..., None] * s.sum(2)
-            daw[:, :, :wo * kw] += (dy.repeat_interleave(kw, dim=3) * v).sum(2)
+            daw[:, :, :wo * kw] += (v.unflatten(3, (wo, kw)) * dy.unsqueeze(4)).sum(2).flatten(2)
             ph_ = (ph / W).requires_grad_()
             pw_ = (pw.sum(0) / H).requires_grad_()
             a_h = spatial_gate(ph_, p.conv_w, p.conv_b, *p.norm_h, cfg.gate)

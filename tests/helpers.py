@@ -5,7 +5,8 @@ import torch
 from scsa_ops import SCSA
 from scsa_ops.reference import SCSA as Reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 # ||out - ref|| / ||ref|| against the fp64 reference (DESIGN.md section 4)
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 

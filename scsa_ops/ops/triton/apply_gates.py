@@ -80,12 +80,12 @@ def _launch(src, out, ah, aw, o, dy, dph, dpw, window, softmax, input_grad):
     B, C, H, W = out.shape
     kh, kw = window
     bw = pow2(W)
-    bc = channel_block(bw, C)
+    bc = channel_block(bw, C, ah.dtype)
     _apply_gates_kernel[(B * triton.cdiv(C, bc), triton.cdiv(H, ROWS))](
         src, out, ah, aw, o, dy, dph, dpw, C, H, W, H // kh, W // kw, kh, kw,
         *src.stride(), *out.stride(),
         INPUT_GRAD=input_grad, SOFTMAX=softmax, ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw,
-        BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(ah.dtype), num_warps=num_warps(bc * bw))
+        BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(ah.dtype), num_warps=num_warps(bc * bw, ah.dtype))
     return out
 
 

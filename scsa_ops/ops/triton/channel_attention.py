@@ -6,6 +6,7 @@ exists. GroupNorm(1) and the q/k/v depthwise 1x1 convs are folded into one per-c
 (Q = alpha_q * Y + beta_q), so no normalised copy of Y is made; and mean_n(P V) = P @ mean_n(V)
 means only the key-block row sums of Y are needed for V. The gate itself is applied by the
 apply_gates kernel, because a softmax gate spans all channels of a sample."""
+import torch
 import triton
 import triton.language as tl
 
@@ -97,8 +98,10 @@ def channel_attention(y, norm, qkv_weights, qkv_biases, head_num, eps):
     B, C = y.shape[:2]
     N = y.shape[2] * y.shape[3]
     D = C // head_num
-    bi = min(64, max(16, pow2(D)))
-    bn = min(64, max(16, pow2(N)))
+    # tl.dot needs >= 16 per side; 32 keeps three fp32 32x32 tiles (q, k, scores) in registers.
+    side = 32 if y.dtype == torch.float32 else 16
+    bi = min(side, max(16, pow2(D)))
+    bn = min(side, max(16, pow2(N)))
     o = alloc((B, C), y.dtype, y.device)
     has_bias = qkv_biases[0] is not None
     biases = qkv_biases if has_bias else qkv_weights  # placeholders, never read

@@ -71,13 +71,13 @@ def gate_grads(g, x, ah, aw, window):
     kh, kw = window
     ho, wo, hc = H // kh, W // kw, triton.cdiv(H, kh)
     bj, bk = window_tile(W, kw)
-    bc = channel_block(bj * bk, C)
     acc = ah.dtype
+    bc = channel_block(bj * bk, C, acc)
     r = alloc((B, C, H), acc, x.device)
     s = alloc((B, C, hc, W), acc, x.device)
     u = alloc((B, C, ho * kh, wo), acc, x.device)
     v = alloc((B, C, ho, wo * kw), acc, x.device)
     _gate_grads_bwd_kernel[(B * triton.cdiv(C, bc), hc)](
         g, x, ah, aw, r, s, u, v, C, H, W, hc, ho, wo, kh, kw, *g.stride(), *x.stride(),
-        BLOCK_C=bc, BLOCK_J=bj, BLOCK_K=bk, ACC=tl_dtype(acc), num_warps=num_warps(bc * bj * bk))
+        BLOCK_C=bc, BLOCK_J=bj, BLOCK_K=bk, ACC=tl_dtype(acc), num_warps=num_warps(bc * bj * bk, acc))
     return r, s, u, v

@@ -49,9 +49,9 @@ def gated_pool(x, ah, aw, window):
     kh, kw = window
     ho, wo = H // kh, W // kw
     bj, bk = window_tile(wo * kw, kw)
-    bc = channel_block(bj * bk, C)
+    bc = channel_block(bj * bk, C, ah.dtype)
     y = alloc((B, C, ho, wo), ah.dtype, x.device)
     _gated_pool_fwd_kernel[(B * triton.cdiv(C, bc), ho)](
         x, ah, aw, y, C, H, W, ho, wo, kh, kw, *x.stride(),
-        BLOCK_C=bc, BLOCK_J=bj, BLOCK_K=bk, ACC=tl_dtype(ah.dtype), num_warps=num_warps(bc * bj * bk))
+        BLOCK_C=bc, BLOCK_J=bj, BLOCK_K=bk, ACC=tl_dtype(ah.dtype), num_warps=num_warps(bc * bj * bk, ah.dtype))
     return y

@@ -44,11 +44,11 @@ def pool(x, acc):
     """Row sums (B, C, H) and banded column sums (NBANDS, B, C, W), in `acc` dtype."""
     B, C, H, W = x.shape
     bw = pow2(W)
-    bc = channel_block(bw, C)
+    bc = channel_block(bw, C, acc)
     nbands = triton.cdiv(H, ROWS)
     ph = alloc((B, C, H), acc, x.device)
     pw = alloc((nbands, B, C, W), acc, x.device)
     _pool_fwd_kernel[(B * triton.cdiv(C, bc), nbands)](
         x, ph, pw, B, C, H, W, *x.stride(),
-        ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw, ACC=tl_dtype(acc), num_warps=num_warps(bc * bw))
+        ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw, ACC=tl_dtype(acc), num_warps=num_warps(bc * bw, acc))
     return ph, pw

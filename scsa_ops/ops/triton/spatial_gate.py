@@ -7,16 +7,16 @@ group (mean, centred variance, output) instead of being staged in memory."""
 import triton
 import triton.language as tl
 
-from .utils import TILE_ELEMS, alloc, pow2, tl_dtype
+from .utils import alloc, pow2, tile_elems, tl_dtype
 
 
 @triton.jit
-def _load_mean(p_ptr, n_parts, part_stride, row, pos, m, count, ACC: tl.constexpr):
+def _load_sum(p_ptr, n_parts, part_stride, row, pos, m, ACC: tl.constexpr):
     # p_ptr holds n_parts partial sums per element (the pool kernel's bands).
     v = tl.load(p_ptr + row + pos, mask=m, other=0.0).to(ACC)
     for k in range(1, n_parts):
         v += tl.load(p_ptr + k * part_stride + row + pos, mask=m, other=0.0).to(ACC)
-    return v / count
+    return v
 
 
 @triton.jit
@@ -26,13 +26,16 @@ def _conv(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, cs,
     l = tl.arange(0, BLOCK_L)
     c_ok = cl < G
     row = (b.to(tl.int64) * C + c0 + cl)[:, None] * L
-    z = tl.zeros([BLOCK_G, BLOCK_L], ACC) + tl.load(bias_ptr + cl, mask=c_ok, other=0.0).to(ACC)[:, None]
-    for t in tl.static_range(K):
+    z = tl.zeros([BLOCK_G, BLOCK_L], ACC)
+    for t in range(K):  # a loop, not unrolled: 8 inlined group bodies x 9 taps would bloat the code
         pos = l[None, :] + (t - K // 2)
         m = c_ok[:, None] & (pos >= 0) & (pos < L)
         tap = tl.load(w_ptr + cl * K + t, mask=c_ok, other=0.0).to(ACC)
-        z += tap[:, None] * _load_mean(p_ptr, n_parts, part_stride, row, pos, m, count, ACC)
-    return z, c_ok[:, None] & (l < L)[None, :]
+        z += tap[:, None] * _load_sum(p_ptr, n_parts, part_stride, row, pos, m, ACC)
+    # The conv is linear: convolve the sums, then scale to means once (in ACC, not an fp32 scalar).
+    inv_count = 1.0 / (tl.zeros([BLOCK_L], ACC) + count)
+    bias = tl.load(bias_ptr + cl, mask=c_ok, other=0.0).to(ACC)
+    return z * inv_count[None, :] + bias[:, None], c_ok[:, None] & (l < L)[None, :]
 
 
 @triton.jit
@@ -120,12 +123,16 @@ def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes
     nbands, B, C, W = pw.shape
     H = ph.shape[2]
     bh, bw = pow2(H), pow2(W)
-    bg = max(1, min(pow2(C // 4), TILE_ELEMS // max(bh, bw)))
+    # A quarter of the usual tile: the taps keep up to nine shifted loads of it in flight (this
+    # kernel reads kilobytes; occupancy does not matter here, spills would). Warp counts chosen
+    # from ptxas reports of sm_80 and sm_90 (tests/aot_compile.py).
+    bg = max(1, min(pow2(C // 4), tile_elems(ph.dtype) // (4 * max(bh, bw))))
     ah = alloc((B, C, H), ph.dtype, ph.device)
     aw = alloc((B, C, W), ph.dtype, ph.device)
     convs = [t for wb in zip(conv_weights, conv_biases) for t in wb]
     _spatial_gate_fwd_kernel[(B, 4, 2)](
         ph, pw, ah, aw, *norm_h, *norm_w, *convs, B, C, H, W, nbands, eps,
         K0=kernel_sizes[0], K1=kernel_sizes[1], K2=kernel_sizes[2], K3=kernel_sizes[3],
-        SOFTMAX=softmax, BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, ACC=tl_dtype(ph.dtype), num_warps=4)
+        SOFTMAX=softmax, BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, ACC=tl_dtype(ph.dtype),
+        num_warps=8 if bg > 1 and bg * max(bh, bw) >= 512 else 4)
     return ah, aw

@@ -9,10 +9,11 @@ import triton.language as tl
 # write fails loudly; production allocations stay uninitialised (a memset would be a full pass).
 _POISON = os.environ.get("SCSA_OPS_POISON", "0") == "1"
 
-# Register budget of one program's tile, in elements: 4 warps x 32 threads x 16 values each.
-TILE_ELEMS = 2048
-# Widest row (in padded elements) the plane kernels hold at once; wider maps use the eager path.
-MAX_ROW = 8192
+# Register budget of one program's tile: 2048 fp32 (1024 fp64) values, spread over 8 warps.
+TILE_BYTES = 8192
+# Widest row (in padded elements) the plane kernels hold at once (one channel of it is a whole
+# tile); wider maps, W > 2048, use the eager path.
+MAX_ROW = 2048
 
 
 def alloc(shape, dtype, device):
@@ -36,9 +37,13 @@ def pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def channel_block(row_elems, channels):
-    """Channels per program so that one row tile holds about TILE_ELEMS elements."""
-    return max(1, min(pow2(channels), TILE_ELEMS // row_elems))
+def tile_elems(dtype):
+    return TILE_BYTES // dtype.itemsize
+
+
+def channel_block(row_elems, channels, dtype):
+    """Channels per program so that one row tile of `dtype` values fills the register budget."""
+    return max(1, min(pow2(channels), tile_elems(dtype) // row_elems))
 
 
 def window_tile(w, kw):
@@ -52,8 +57,10 @@ def fits(w, window_w):
     return pow2(w) <= MAX_ROW and bj * bk <= MAX_ROW
 
 
-def num_warps(tile_elems):
-    return 8 if tile_elems >= 4096 else 4 if tile_elems >= 512 else 2
+def num_warps(tile_elems, dtype):
+    """About 8 fp32 (4 fp64) values of a tile per thread: ptxas then keeps the handful of tiles a
+    pass holds (data, gates, accumulators, 64-bit addresses) in registers without spilling."""
+    return max(1, min(8, tile_elems * dtype.itemsize // 1024))
 
 
 @triton.jit

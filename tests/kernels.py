@@ -1,0 +1,46 @@
+"""Access to every Triton kernel of the package, and a recorder of their launches."""
+import importlib
+import pkgutil
+
+import scsa_ops.ops.triton as triton_ops
+
+
+def all_kernels():
+    """{name: kernel} for every `_*_kernel` defined in scsa_ops/ops/triton/."""
+    found = {}
+    for info in pkgutil.iter_modules(triton_ops.__path__):
+        mod = importlib.import_module(f"{triton_ops.__name__}.{info.name}")
+        found.update({n: k for n, k in vars(mod).items() if n.startswith("_") and n.endswith("_kernel")})
+    return found
+
+
+class LaunchRecorder:
+    """Wraps each kernel's `run` (what `kernel[grid](...)` calls) to log (name, args, kwargs);
+    with execute=False the kernel body is skipped, so launch configurations of large shapes can
+    be collected without a GPU or the interpreter's cost."""
+
+    def __init__(self, monkeypatch=None, execute=True):
+        self.launches, self.active = [], 0
+        for name, kernel in all_kernels().items():
+            self._wrap(monkeypatch, name, kernel, execute)
+
+    def _wrap(self, monkeypatch, name, kernel, execute):
+        real = kernel.run
+
+        def run(*args, grid, warmup, **kwargs):
+            self.launches.append((name, args, kwargs))
+            if not execute:
+                return None
+            self.active += 1
+            try:
+                return real(*args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                self.active -= 1
+
+        if monkeypatch is not None:
+            monkeypatch.setattr(kernel, "run", run)
+        else:
+            kernel.run = run
+
+    def names(self):
+        return [n for n, _, _ in self.launches]

@@ -1,0 +1,103 @@
+"""Dispatch: which implementation runs, fallbacks with one warning, the environment switch, and
+configurations without a fused path running the eager math with the same parameters."""
+import warnings
+
+import pytest
+import torch
+
+from helpers import DEVICE, HAS_CUDA, pair, rel_err
+from scsa_ops import SCSA, backends
+
+requires_cpu = pytest.mark.skipif(HAS_CUDA, reason="CPU-only dispatch rules")
+
+
+def _spy(monkeypatch):
+    """Counts SCSAFunction calls, i.e. fused launches of the whole op."""
+    calls = []
+    from scsa_ops import module
+
+    real = module.fused_scsa
+    monkeypatch.setattr(module, "fused_scsa", lambda *a: calls.append(a[3]) or real(*a))
+    return calls
+
+
+def test_triton_backend_runs_fused(monkeypatch):
+    calls = _spy(monkeypatch)
+    SCSA(16, backend="triton").to(DEVICE)(torch.randn(1, 16, 14, 14, device=DEVICE))
+    assert len(calls) == 1 and calls[0] is backends.triton_provider()[0]
+
+
+@pytest.mark.parametrize("cfg,train", [
+    (dict(dim=16, down_sample_mode="max_pool"), False),
+    (dict(dim=16, attn_drop_ratio=0.2), True),
+])
+def test_unfused_configs_run_eager_with_same_params(monkeypatch, cfg, train):
+    calls = _spy(monkeypatch)
+    ref, fused = pair(cfg)
+    ref.train(train), fused.train(train)
+    x = torch.randn(2, 16, 14, 14, dtype=torch.float64, device=DEVICE)
+    torch.manual_seed(3)
+    out_r = ref(x)
+    torch.manual_seed(3)
+    out_f = fused(x)
+    assert calls == [] and rel_err(out_f, out_r) == 0.0
+
+
+def test_env_switch_turns_fused_off(monkeypatch):
+    calls = _spy(monkeypatch)
+    monkeypatch.setenv("SCSA_OPS_BACKEND", "eager")
+    SCSA(16, backend="triton").to(DEVICE)(torch.randn(1, 16, 14, 14, device=DEVICE))
+    assert calls == []
+    monkeypatch.setenv("SCSA_OPS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="backend 'fastest'"):
+        SCSA(16)(torch.randn(1, 16, 14, 14, device=DEVICE))
+
+
+@requires_cpu
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs a CUDA tensor, or TRITON_INTERPRET=1"):
+        SCSA(16, backend="triton")(torch.randn(1, 16, 14, 14))
+
+
+def test_cpp_unavailable_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="backend='cpp' is unavailable: the C\\+\\+ extension"):
+        SCSA(16, backend="cpp")(torch.randn(1, 16, 14, 14))
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    """Triton missing (or a GPU too old) on CUDA, no C++ path on CPU: eager, warned once."""
+    monkeypatch.setattr(backends, "_triton", (None, "Triton is not importable (test)"))
+    monkeypatch.setattr(backends, "_warned", set())
+    calls = _spy(monkeypatch)
+    m = SCSA(16).to(DEVICE)
+    x = torch.randn(1, 16, 14, 14, device=DEVICE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m(x), m(x)
+    msgs = [str(w.message) for w in caught if "falls back to the eager module" in str(w.message)]
+    assert len(msgs) == 1 and calls == []
+
+
+def test_old_gpu_falls_back(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
+    fake = type("T", (), {"is_cuda": True, "device": torch.device("cpu")})()
+    provider, why = backends._triton_for(fake)
+    assert provider is None and "compute capability" in why and "(7, 0)" in why
+
+
+def test_too_wide_rows_run_eager(monkeypatch):
+    calls = _spy(monkeypatch)
+    m = SCSA(4, window_size=-1, backend="triton").to(DEVICE)
+    m(torch.randn(1, 4, 2, 2100, device=DEVICE))
+    assert calls == []
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_inputs_device():
+    ref, fused = pair(dict(dim=16), device="cuda:1")
+    x = torch.randn(2, 16, 14, 14, dtype=torch.float64, device="cuda:1")
+    with torch.cuda.device(0):
+        assert rel_err(fused(x), ref(x)) < 1e-12
