@@ -5,7 +5,7 @@ needs every channel of the sample (each program re-reads the B x C logits of its
 import triton
 import triton.language as tl
 
-from .utils import alloc_like, channel_block, lt_block, num_warps, pow2, tl_dtype
+from .utils import alloc_like, channel_block, lt_block, num_warps, pow2, sample_channels, tl_dtype
 
 ROWS = 4
 
@@ -44,9 +44,7 @@ def _apply_gates_kernel(
     INPUT_GRAD: tl.constexpr, SOFTMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_CS: tl.constexpr, ACC: tl.constexpr,
 ):
-    n_cblk = tl.cdiv(C, BLOCK_C)
-    b = tl.program_id(0) // n_cblk
-    c = (tl.program_id(0) % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, c = sample_channels(C, BLOCK_C)
     w = tl.arange(0, BLOCK_W)
     c_ok, w_ok = c < C, w < W
     b64, c64, w64 = b.to(tl.int64), c.to(tl.int64), w.to(tl.int64)

@@ -11,7 +11,7 @@ Outputs are about 3/7 of X in fp32; each element is written by exactly one progr
 import triton
 import triton.language as tl
 
-from .utils import alloc, channel_block, lt_block, num_warps, tl_dtype, window_tile
+from .utils import alloc, channel_block, lt_block, num_warps, sample_channels, tl_dtype, window_columns, window_tile
 
 
 @triton.jit
@@ -28,13 +28,9 @@ def _gate_grads_bwd_kernel(
     sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw,
     BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
-    n_cblk = tl.cdiv(C, BLOCK_C)
-    b = tl.program_id(0) // n_cblk
-    c = (tl.program_id(0) % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, c = sample_channels(C, BLOCK_C)
     i = tl.program_id(1)
-    j = tl.arange(0, BLOCK_J)
-    t = tl.arange(0, BLOCK_K)
-    w = j[:, None] * KW + t[None, :]
+    j, t, w = window_columns(KW, BLOCK_J, BLOCK_K)
     c_ok = c < C
     full_row = c_ok & lt_block(i, HO, c)  # window row i is a whole one, not the leftover rows
     w_ok = (w < W) & (t < KW)[None, :]

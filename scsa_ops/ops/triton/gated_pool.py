@@ -7,7 +7,7 @@ rows of a window are summed. Global pooling is the same kernel with one window o
 import triton
 import triton.language as tl
 
-from .utils import alloc, channel_block, num_warps, tl_dtype, window_tile
+from .utils import alloc, channel_block, num_warps, sample_channels, tl_dtype, window_columns, window_tile
 
 
 @triton.jit
@@ -20,13 +20,9 @@ def _gated_pool_fwd_kernel(
     sxb, sxc, sxh, sxw,
     BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
-    n_cblk = tl.cdiv(C, BLOCK_C)
-    b = tl.program_id(0) // n_cblk
-    c = (tl.program_id(0) % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, c = sample_channels(C, BLOCK_C)
     i = tl.program_id(1)
-    j = tl.arange(0, BLOCK_J)
-    t = tl.arange(0, BLOCK_K)
-    w = j[:, None] * KW + t[None, :]
+    j, t, w = window_columns(KW, BLOCK_J, BLOCK_K)
     c_ok = c < C
     m = c_ok[:, None, None] & ((j < WO)[:, None] & (t < KW)[None, :])[None, :, :]
     b64, c64 = b.to(tl.int64), c.to(tl.int64)

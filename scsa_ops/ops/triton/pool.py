@@ -6,7 +6,7 @@ sums are complete in-program, column sums are per band and summed by the spatial
 import triton
 import triton.language as tl
 
-from .utils import alloc, channel_block, lt_block, num_warps, pow2, tl_dtype
+from .utils import alloc, channel_block, lt_block, num_warps, pow2, sample_channels, tl_dtype
 
 ROWS = 8
 
@@ -20,9 +20,7 @@ def _pool_fwd_kernel(
     sxb, sxc, sxh, sxw,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr,
 ):
-    n_cblk = tl.cdiv(C, BLOCK_C)
-    b = tl.program_id(0) // n_cblk
-    c = (tl.program_id(0) % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, c = sample_channels(C, BLOCK_C)
     band = tl.program_id(1)
     w = tl.arange(0, BLOCK_W)
     c_ok, w_ok = c < C, w < W

@@ -68,3 +68,19 @@ def lt_block(i, n, like):
     """`i < n` for a scalar i, as a boolean block shaped like `like`. The interpreter turns
     `block & scalar_bool` into int32, which tl.load rejects as a mask; a block compare does not."""
     return (tl.zeros_like(like) + i) < n
+
+
+@triton.jit
+def sample_channels(C, BLOCK_C: tl.constexpr):
+    """Axis 0 of a (B * cdiv(C, BLOCK_C), ...) grid -> (sample b, its BLOCK_C channel indices)."""
+    n_cblk = tl.cdiv(C, BLOCK_C)
+    b = tl.program_id(0) // n_cblk
+    return b, (tl.program_id(0) % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+
+
+@triton.jit
+def window_columns(KW, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A row as [BLOCK_J windows, BLOCK_K columns]: (window j, column-in-window t, column w)."""
+    j = tl.arange(0, BLOCK_J)
+    t = tl.arange(0, BLOCK_K)
+    return j, t, j[:, None] * KW + t[None, :]
