@@ -89,7 +89,7 @@ def main(argv=None):
     for c, h, w in PRESETS[args.preset]:
         rows.append(bench_shape(c, h, w, batch, dtype, args.mode, device, args.reps, not args.no_compile))
         r = rows[-1]
-        fmt = lambda v: "n/a" if v is None else f"{v:8.3f}"  # noqa: E731
+        fmt = lambda v: "     n/a" if v is None else f"{v:8.3f}"  # noqa: E731
         sp = lambda v: "n/a" if v is None or r.get("fused_ms") is None else f"{v / r['fused_ms']:5.2f}x"  # noqa: E731
         print(f"{str(tuple(r['shape'])):22s} eager {fmt(r['eager_ms'])} ms  compile {fmt(r.get('compile_ms'))} ms  "
               f"fused {fmt(r['fused_ms'])} ms  vs eager {sp(r['eager_ms'])}  vs compile {sp(r.get('compile_ms'))}",
