@@ -59,7 +59,11 @@ def _triton_for(x):
 
 
 def _cpp_for(x):
-    return None, "the C++ extension (scsa_ops._C) is not built in this version"
+    if x.device.type != "cpu":
+        return None, f"backend='cpp' needs a CPU tensor, got a tensor on {x.device}"
+    from .ops import cpp
+
+    return cpp.load()
 
 
 def resolve(backend, x, fusable, fits):

@@ -12,6 +12,8 @@ from .function import PARAM_NAMES, Config, fused_scsa
 from .reference import SCSA as ReferenceSCSA
 from .reference import check_input, window_of
 
+_PARAM_PATHS = [name.split(".") for name in PARAM_NAMES]
+
 
 class SCSA(ReferenceSCSA):
     """Drop-in SCSA: official constructor plus `backend` ('auto' | 'triton' | 'cpp' | 'eager')."""
@@ -45,5 +47,6 @@ class SCSA(ReferenceSCSA):
         return fused_scsa(x, params, self.config, provider)
 
     def state_dict_params(self):
-        named = dict(self.named_parameters())
-        return [named.get(n) for n in PARAM_NAMES]
+        # Plain dict lookups, not named_parameters() or nn.Module.__getattr__: this runs on every call.
+        modules = self._modules
+        return [modules[module]._parameters.get(attr) for module, attr in _PARAM_PATHS]

@@ -7,6 +7,9 @@ from scsa_ops.reference import SCSA as Reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+# Every fused provider this machine can run, with the device its tensors live on: Triton on CUDA
+# (or its interpreter on CPU tensors), the C++ path on CPU tensors.
+FUSED = [("triton", DEVICE), ("cpp", "cpu")]
 # ||out - ref|| / ||ref|| against the fp64 reference (DESIGN.md section 4)
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 

@@ -60,14 +60,25 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         SCSA(16, backend="triton")(torch.randn(1, 16, 14, 14))
 
 
-def test_cpp_unavailable_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="backend='cpp' is unavailable: the C\\+\\+ extension"):
+def test_cpp_unavailable_is_a_clear_error(monkeypatch):
+    from scsa_ops.ops import cpp
+
+    monkeypatch.setattr(cpp, "_state", (None, "scsa_ops._C does not import (test)"))
+    with pytest.raises(RuntimeError, match=r"backend='cpp' is unavailable: scsa_ops._C does not import \(test\)"):
         SCSA(16, backend="cpp")(torch.randn(1, 16, 14, 14))
 
 
+def test_cpp_needs_a_cpu_tensor():
+    provider, why = backends._cpp_for(torch.empty(1, 4, 7, 7, device="meta"))
+    assert provider is None and "needs a CPU tensor" in why
+
+
 def test_auto_falls_back_with_one_warning(monkeypatch):
-    """Triton missing (or a GPU too old) on CUDA, no C++ path on CPU: eager, warned once."""
+    """Triton missing (or a GPU too old) on CUDA, no C++ extension on CPU: eager, warned once."""
+    from scsa_ops.ops import cpp
+
     monkeypatch.setattr(backends, "_triton", (None, "Triton is not importable (test)"))
+    monkeypatch.setattr(cpp, "_state", (None, "scsa_ops._C does not import (test)"))
     monkeypatch.setattr(backends, "_warned", set())
     calls = _spy(monkeypatch)
     m = SCSA(16).to(DEVICE)

@@ -45,7 +45,7 @@ def test_bad_input(backend, x, exc, match):
 def test_parameters_on_another_device():
     m = SCSA(16, backend="triton")  # parameters stay on the CPU
     x = torch.randn(1, 16, 14, 14, device="meta")
-    with pytest.raises(ValueError, match="parameter local_dwc.weight is on cpu but the input is on meta"):
+    with pytest.raises(ValueError, match="parameters are on cpu but the input is on meta"):
         m(x)
 
 

@@ -1,10 +1,11 @@
-"""The fused Triton path against the package's reference: forward, the input gradient and every
-parameter gradient, on random data and random parameters, across the options of DESIGN.md."""
+"""Every fused provider (Triton, C++) against the package's reference: forward, the input gradient
+and every parameter gradient, on random data and random parameters, across the options of
+DESIGN.md. `fused_on` is the (backend, device) pair under test."""
 import pytest
 import torch
 
-from helpers import DEVICE, TOL, grad_err, pair, rel_err, run
-from scsa_ops import SCSA, SCSAFunction
+from helpers import FUSED, TOL, grad_err, pair, rel_err, run
+from scsa_ops import SCSA, SCSAFunction, backends
 from scsa_ops.function import PARAM_NAMES
 
 # (constructor kwargs, input shape)
@@ -24,16 +25,22 @@ CONFIGS = [
 ]
 
 
+@pytest.fixture(params=FUSED, ids=[b for b, _ in FUSED])
+def fused_on(request):
+    return request.param
+
+
 def _ids(configs):
     return ["-".join(f"{k}={v}" for k, v in c.items()) + f"-{'x'.join(map(str, s))}" for c, s in configs]
 
 
 @pytest.mark.parametrize("cfg,shape", CONFIGS, ids=_ids(CONFIGS))
-def test_fp64_matches_reference(cfg, shape):
-    ref, fused = pair(cfg)
+def test_fp64_matches_reference(cfg, shape, fused_on):
+    backend, dev = fused_on
+    ref, fused = pair(cfg, backend=backend, device=dev)
     ref.eval(), fused.eval()
-    x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
-    go = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(shape, dtype=torch.float64, device=dev)
+    go = torch.randn(shape, dtype=torch.float64, device=dev)
     out_r, dx_r, dp_r = run(ref, x, go)
     out_f, dx_f, dp_f = run(fused, x, go)
     assert rel_err(out_f, out_r) < TOL[torch.float64]
@@ -45,14 +52,15 @@ def test_fp64_matches_reference(cfg, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("cfg,shape", [CONFIGS[2], CONFIGS[5], CONFIGS[8]], ids=_ids([CONFIGS[2], CONFIGS[5], CONFIGS[8]]))
-def test_low_precision(cfg, shape, dtype, channels_last):
+def test_low_precision(cfg, shape, dtype, channels_last, fused_on):
     """Within DESIGN.md's tolerance of fp64, and (flash-attention's rule) within 2x the error of
     the same-precision eager module, for the output, dx and every parameter gradient."""
-    ref, fused = pair(cfg)
-    eager = pair(cfg, backend="eager")[1]
+    backend, dev = fused_on
+    ref, fused = pair(cfg, backend=backend, device=dev)
+    eager = pair(cfg, backend="eager", device=dev)[1]
     fused, eager = fused.to(dtype), eager.to(dtype)
-    x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
-    go = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(shape, dtype=torch.float64, device=dev)
+    go = torch.randn(shape, dtype=torch.float64, device=dev)
     xl = x.to(dtype)
     if channels_last:
         xl = xl.to(memory_format=torch.channels_last)
@@ -71,13 +79,14 @@ def test_low_precision(cfg, shape, dtype, channels_last):
         assert e_f[n] <= 2 * e_e[n] + 4 * TOL[dtype] * (dtype != torch.float32) + 1e-5, (n, e_f[n], e_e[n])
 
 
-def test_non_dense_strides():
+def test_non_dense_strides(fused_on):
     """Any strides are read as they are (here a slice and a transposed view); the output is dense."""
+    backend, dev = fused_on
     cfg = dict(dim=16, head_num=2)
-    ref, fused = pair(cfg)
-    base = torch.randn(2, 32, 23, 17, dtype=torch.float64, device=DEVICE)
+    ref, fused = pair(cfg, backend=backend, device=dev)
+    base = torch.randn(2, 32, 23, 17, dtype=torch.float64, device=dev)
     x = base[:, ::2].transpose(2, 3)  # (2, 16, 17, 23), neither NCHW- nor NHWC-contiguous
-    go = torch.randn(x.shape, dtype=torch.float64, device=DEVICE)
+    go = torch.randn(x.shape, dtype=torch.float64, device=dev)
     out_r, dx_r, _ = run(ref, x.contiguous(), go)
     out_f = fused(x)
     assert rel_err(out_f, out_r) < 1e-12
@@ -89,14 +98,14 @@ def test_non_dense_strides():
     assert rel_err(xf.grad, xr.grad) < 1e-12
 
 
-def test_gradcheck_autograd_function():
-    from scsa_ops.backends import triton_provider
-
+def test_gradcheck_autograd_function(fused_on):
+    backend, dev = fused_on
     cfg = dict(dim=8, head_num=2, qkv_bias=True, window_size=3, gate_layer="softmax")
-    _, fused = pair(cfg)
-    x = torch.randn(1, 8, 7, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    _, fused = pair(cfg, backend=backend, device=dev)
+    x = torch.randn(1, 8, 7, 8, dtype=torch.float64, device=dev, requires_grad=True)
     params = fused.state_dict_params()
-    fn = lambda x, *p: SCSAFunction.apply(x, triton_provider()[0], fused.config, *p)  # noqa: E731
+    provider = backends.resolve(backend, x, True, lambda p: True)
+    fn = lambda x, *p: SCSAFunction.apply(x, provider, fused.config, *p)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
 
 
@@ -106,32 +115,35 @@ def test_param_order_matches_module():
 
 
 @pytest.mark.parametrize("cfg,shape", [CONFIGS[3], CONFIGS[7]], ids=_ids([CONFIGS[3], CONFIGS[7]]))
-def test_deterministic(cfg, shape):
-    _, fused = pair(cfg)
+def test_deterministic(cfg, shape, fused_on):
+    backend, dev = fused_on
+    _, fused = pair(cfg, backend=backend, device=dev)
     fused = fused.float()
-    x = torch.randn(shape, device=DEVICE)
-    go = torch.randn(shape, device=DEVICE)
+    x = torch.randn(shape, device=dev)
+    go = torch.randn(shape, device=dev)
     first, second = run(fused, x, go), run(fused, x, go)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert all(torch.equal(first[2][n], second[2][n]) for n in first[2])
 
 
-def test_empty_batch():
-    m = SCSA(16, backend="triton").to(DEVICE)
-    x = torch.randn(0, 16, 14, 14, device=DEVICE, requires_grad=True)
+def test_empty_batch(fused_on):
+    backend, dev = fused_on
+    m = SCSA(16, backend=backend).to(dev)
+    x = torch.randn(0, 16, 14, 14, device=dev, requires_grad=True)
     out = m(x)
     assert out.shape == x.shape
     out.sum().backward()
     assert x.grad.shape == x.shape
 
 
-def test_mixed_precision_parameters():
+def test_mixed_precision_parameters(fused_on):
     """fp32 parameters with a half input (what autocast-free AMP setups do): fp32 statistics,
     half output, parameter gradients in the parameters' dtype."""
+    backend, dev = fused_on
     cfg = dict(dim=16, head_num=2)
-    ref, fused = pair(cfg)
+    ref, fused = pair(cfg, backend=backend, device=dev)
     fused = fused.float()
-    x = torch.randn(2, 16, 14, 14, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(2, 16, 14, 14, dtype=torch.float64, device=dev)
     go = torch.randn_like(x)
     out_r, dx_r, dp_r = run(ref, x, go)
     out_f, dx_f, dp_f = run(fused, x.half(), go)

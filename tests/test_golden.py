@@ -9,7 +9,7 @@ from scsa_ops import SCSA
 from scsa_ops.reference import SCSA as Reference
 
 CASES = torch.load(Path(__file__).parent / "data" / "official_scsa_fp64.pt", weights_only=True)
-BACKENDS = ["reference", "eager", "triton"]
+BACKENDS = ["reference", "eager", "triton", "cpp"]
 
 
 def _case_id(case):
@@ -21,13 +21,14 @@ def _case_id(case):
 def test_matches_official(case, backend):
     cls = Reference if backend == "reference" else SCSA
     kwargs = {} if backend == "reference" else {"backend": backend}
-    m = cls(**case["config"], **kwargs).double().to(DEVICE)
+    dev = "cpu" if backend == "cpp" else DEVICE
+    m = cls(**case["config"], **kwargs).double().to(dev)
     m.load_state_dict(case["state_dict"], strict=True)  # official names and shapes
-    out, dx, dparams = run(m, case["x"].to(DEVICE), case["grad_out"].to(DEVICE))
+    out, dx, dparams = run(m, case["x"].to(dev), case["grad_out"].to(dev))
     assert rel_err(out, case["out"]) < 1e-10
     assert rel_err(dx, case["grad_x"]) < 1e-10
     assert set(dparams) == set(case["grad_params"])
-    errs = grad_err(dparams, {n: g.to(DEVICE) for n, g in case["grad_params"].items()})
+    errs = grad_err(dparams, {n: g.to(dev) for n, g in case["grad_params"].items()})
     assert max(errs.values()) < 1e-10, errs
 
 

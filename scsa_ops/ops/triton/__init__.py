@@ -1,11 +1,8 @@
-"""The Triton provider: one launcher per pass of DESIGN.md section 2-3, in pass order."""
-from .apply_gates import apply_gates, input_grad
-from .channel_attention import channel_attention
+"""The Triton provider: `forward` (five launches), the backward's `gate_grads` and `input_grad`,
+and `fits` (the widest row one program holds). Each pass's kernel lives in the file named after it."""
+from .apply_gates import input_grad
+from .forward import forward
 from .gate_grads import gate_grads
-from .gated_pool import gated_pool
-from .pool import pool
-from .spatial_gate import spatial_gate
 from .utils import fits
 
-__all__ = ["pool", "spatial_gate", "gated_pool", "channel_attention", "apply_gates", "gate_grads",
-           "input_grad", "fits"]
+__all__ = ["forward", "gate_grads", "input_grad", "fits"]

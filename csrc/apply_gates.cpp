@@ -1,0 +1,166 @@
+// F5 of DESIGN.md, out = X * a_h * a_w * a_c, and the backward's last full-size pass, which has
+// the same shape: dX = (g * a_c + up(dY)) * a_h * a_w + dp_h / W + dp_w / H. One template,
+// switched by kInputGrad. The channel gate a_c is computed here from the logits o (a softmax gate
+// needs every channel of a sample).
+#include "scsa.h"
+
+namespace scsa {
+namespace {
+
+template <typename A>
+struct Gates {
+  const A *ah, *aw, *ac;  // (B, C, H), (B, C, W), (B, C)
+  const A *dy, *dph, *dpw;  // input grad only: (B, C, HO, WO) already / (KH KW), (B, C, H), (B, C, W)
+  int64_t H, W, kh, kw;
+};
+
+// Rows of planes [begin, end) of the NCHW layout; src is X or g, dst is out or dX.
+template <typename T, bool kInputGrad>
+void apply_nchw(const T* src, T* dst, const Gates<acc_t<T>>& g, int64_t planes) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const int64_t H = g.H, W = g.W, ho = H / g.kh, wo = W / g.kw;
+  at::parallel_for(0, planes, grain(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<A> col(W), up(W);  // per-column gate; the row of dY spread over its windows
+    for (int64_t p = begin; p < end; ++p) {
+      const A a_c = g.ac[p];
+      for (int64_t w = 0; w < W; ++w) col[w] = kInputGrad ? g.aw[p * W + w] : g.aw[p * W + w] * a_c;
+      for (int64_t h = 0; h < H; ++h) {
+        const V a_h(g.ah[p * H + h]);
+        const T* s = src + (p * H + h) * W;
+        T* d = dst + (p * H + h) * W;
+        if constexpr (kInputGrad) {
+          if (h % g.kh == 0) {
+            std::fill(up.begin(), up.end(), A(0));
+            if (h < ho * g.kh)
+              for (int64_t w = 0; w < wo * g.kw; ++w) up[w] = g.dy[(p * ho + h / g.kh) * wo + w / g.kw];
+          }
+          const V dph(g.dph[p * H + h]), ac(a_c);
+          const A* dpw = g.dpw + p * W;
+          for_lanes<A>(W, [&](int64_t w, int64_t n) {
+            auto dxs = at::vec::fmadd(load(s + w, n), ac, V::loadu(up.data() + w, n));
+            store(d + w, dxs * a_h * V::loadu(col.data() + w, n) + dph + V::loadu(dpw + w, n), n);
+          });
+        } else {
+          for_lanes<A>(W, [&](int64_t w, int64_t n) {
+            store(d + w, load(s + w, n) * a_h * V::loadu(col.data() + w, n), n);
+          });
+        }
+      }
+    }
+  });
+}
+
+// channels_last: tasks are (sample, channel block, band of rows); gates are staged transposed to
+// [position][channel] so the vector loop runs along C like the data.
+template <typename T, bool kInputGrad>
+void apply_nhwc(const T* src, T* dst, const Gates<acc_t<T>>& g, int64_t B, int64_t C) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const int64_t H = g.H, W = g.W, ho = H / g.kh, wo = W / g.kw;
+  const int64_t cb = std::min(C, kChannelBlock), nblk = (C + cb - 1) / cb;
+  const int64_t rows = 16, bands = (H + rows - 1) / rows;
+  at::parallel_for(0, B * nblk * bands, grain(rows * W * cb), [&](int64_t begin, int64_t end) {
+    std::vector<A> col(W * cb), row(cb), ac(cb), dph(cb), dpw(kInputGrad ? W * cb : 0), up(kInputGrad ? wo * cb : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (nblk * bands), c0 = t / bands % nblk * cb, cn = std::min(cb, C - c0);
+      const int64_t h0 = t % bands * rows, h1 = std::min(H, h0 + rows);
+      for (int64_t c = 0; c < cn; ++c) {
+        const int64_t bc = b * C + c0 + c;
+        ac[c] = g.ac[bc];
+        for (int64_t w = 0; w < W; ++w) {
+          col[w * cb + c] = kInputGrad ? g.aw[bc * W + w] : g.aw[bc * W + w] * ac[c];
+          if constexpr (kInputGrad) dpw[w * cb + c] = g.dpw[bc * W + w];
+        }
+      }
+      for (int64_t h = h0; h < h1; ++h) {
+        const bool covered = h < ho * g.kh;
+        for (int64_t c = 0; c < cn; ++c) {
+          const int64_t bc = b * C + c0 + c;
+          row[c] = g.ah[bc * H + h];
+          if constexpr (kInputGrad) {
+            dph[c] = g.dph[bc * H + h];
+            if (covered)
+              for (int64_t j = 0; j < wo; ++j) up[j * cb + c] = g.dy[(bc * ho + h / g.kh) * wo + j];
+          }
+        }
+        for (int64_t w = 0; w < W; ++w) {
+          const T* s = src + ((b * H + h) * W + w) * C + c0;
+          T* d = dst + ((b * H + h) * W + w) * C + c0;
+          const A* cw = col.data() + w * cb;
+          for_lanes<A>(cn, [&](int64_t c, int64_t n) {
+            auto gate = V::loadu(row.data() + c, n) * V::loadu(cw + c, n);
+            if constexpr (kInputGrad) {
+              auto dxs = load(s + c, n) * V::loadu(ac.data() + c, n);
+              if (covered && w < wo * g.kw) dxs = dxs + V::loadu(up.data() + w / g.kw * cb + c, n);
+              store(d + c, dxs * gate + V::loadu(dph.data() + c, n) + V::loadu(dpw.data() + w * cb + c, n), n);
+            } else {
+              store(d + c, load(s + c, n) * gate, n);
+            }
+          });
+        }
+      }
+    }
+  });
+}
+
+template <bool kInputGrad, typename A>
+void dispatch(const Tensor& src, Tensor& dst, bool channels_last, const Gates<A>& g, int64_t b0, int64_t nb,
+              int64_t C) {
+  const int64_t off = b0 * C * g.H * g.W;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "scsa_apply_gates", [&] {
+    if constexpr (std::is_same_v<acc_t<scalar_t>, A>) {
+      const auto* s = src.const_data_ptr<scalar_t>() + off;
+      auto* d = dst.data_ptr<scalar_t>() + off;
+      if (channels_last)
+        apply_nhwc<scalar_t, kInputGrad>(s, d, g, nb, C);
+      else
+        apply_nchw<scalar_t, kInputGrad>(s, d, g, nb * C);
+    }
+  });
+}
+
+}  // namespace
+
+void apply_gates(Forward& f, int64_t b0, int64_t nb) {
+  const int64_t C = f.C;
+  AT_DISPATCH_FLOATING_TYPES(f.o.scalar_type(), "scsa_channel_gate", [&] {
+    using A = scalar_t;
+    std::vector<A> ac(nb * C);
+    channel_gate(f.o.const_data_ptr<A>() + b0 * C, ac.data(), nb, C, f.softmax);
+    const Gates<A> g{f.ah.const_data_ptr<A>() + b0 * C * f.H, f.aw.const_data_ptr<A>() + b0 * C * f.W, ac.data(),
+                     nullptr, nullptr, nullptr, f.H, f.W, 1, 1};
+    dispatch<false>(f.x, f.out, f.channels_last, g, b0, nb, C);
+  });
+}
+
+Tensor input_grad(const Tensor& g_in, const Tensor& x_in, const Tensor& ah_in, const Tensor& aw_in,
+                  const Tensor& o_in, const Tensor& dy_in, const Tensor& dph_in, const Tensor& dpw_in, int64_t kh,
+                  int64_t kw, bool softmax) {
+  check_x(x_in, "x");
+  check_window(x_in, kh, kw);
+  auto [x, channels_last] = dense(x_in);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto acc = acc_dtype(x.scalar_type());
+  TORCH_CHECK(g_in.sizes() == x.sizes() && g_in.scalar_type() == x.scalar_type(),
+              "scsa_cpp: the upstream gradient must match x: got ", g_in.sizes(), " ", g_in.scalar_type(),
+              " for x ", x.sizes(), " ", x.scalar_type());
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  Tensor g = g_in.contiguous(fmt);
+  Tensor ah = check_small(ah_in, "a_h", {B, C, H}, acc), aw = check_small(aw_in, "a_w", {B, C, W}, acc);
+  Tensor o = check_small(o_in, "o", {B, C}, acc);
+  Tensor dy = check_small(dy_in, "dy", {B, C, H / kh, W / kw}, acc);
+  Tensor dph = check_small(dph_in, "dph", {B, C, H}, acc), dpw = check_small(dpw_in, "dpw", {B, C, W}, acc);
+  Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  AT_DISPATCH_FLOATING_TYPES(acc, "scsa_input_grad", [&] {
+    using A = scalar_t;
+    std::vector<A> ac(B * C);
+    channel_gate(o.const_data_ptr<A>(), ac.data(), B, C, softmax);
+    const Gates<A> gates{ah.const_data_ptr<A>(), aw.const_data_ptr<A>(), ac.data(), dy.const_data_ptr<A>(),
+                         dph.const_data_ptr<A>(), dpw.const_data_ptr<A>(), H, W, kh, kw};
+    dispatch<true>(g, dx, channels_last, gates, 0, B, C);
+  });
+  return dx;
+}
+
+}  // namespace scsa

@@ -1,0 +1,137 @@
+// F4 of DESIGN.md: channel-attention logits o (B, C) from the pooled map Y (B, C, N).
+// GroupNorm(1) and the q/k/v depthwise 1x1 convs fold into per-channel affines
+// (Q = alpha_q * Y + beta_q), and mean_n(P V) = P @ mean_n(V), so a query row needs only K and
+// the vector vbar. Each task owns a block of query rows of one head: it stages K^T of the head
+// (N x D, padded to whole vectors), then per row computes the D scores and their exponentials
+// with at::vec: the C^2 exponentials per sample are where (8, 512, 7, 7) spends its time,
+// so they use exp_u20 (a polynomial, <= 20 ulp: far inside the fp32 tolerance of DESIGN.md).
+#include <cmath>
+#include <limits>
+
+#include "scsa.h"
+
+namespace scsa {
+namespace {
+
+constexpr int64_t kRowsPerTask = 64;
+
+template <typename A>
+struct Affine {  // per (sample, channel): alpha, beta of q, k, v
+  std::vector<A> aq, bq, ak, bk, vbar;
+};
+
+template <typename A>
+void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, const A* wq, const A* wk,
+                            const A* wv, const A* bq, const A* bk, const A* bv, int64_t B, int64_t C,
+                            int64_t N, int64_t heads, A eps) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const int64_t D = C / heads, Dp = (D + L - 1) / L * L;
+  Affine<A> f{std::vector<A>(B * C), std::vector<A>(B * C), std::vector<A>(B * C), std::vector<A>(B * C),
+              std::vector<A>(B * C)};
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const A* yb = y + b * C * N;
+      const int64_t M = C * N;
+      V s1(0);
+      for_lanes<A>(M, [&](int64_t k, int64_t n) { s1 += V::loadu(yb + k, n); });
+      const A mu = reduce_sum(s1) / A(M);
+      V s2(0);
+      for_lanes<A>(M, [&](int64_t k, int64_t n) {
+        auto d = V::loadu(yb + k, n) - V(mu);
+        s2 += V::set(V(0), d * d, n);  // lanes past n would add mu^2
+      });
+      const A rstd = A(1) / std::sqrt(reduce_sum(s2) / A(M) + eps);
+      for (int64_t c = 0; c < C; ++c) {
+        // w * ((y - mu) * rstd * gn_w + gn_b) + bias == alpha * y + beta
+        const A g = gn_w[c] * rstd, h = gn_b[c] - g * mu, i = b * C + c;
+        f.aq[i] = wq[c] * g;
+        f.bq[i] = wq[c] * h + (bq ? bq[c] : A(0));
+        f.ak[i] = wk[c] * g;
+        f.bk[i] = wk[c] * h + (bk ? bk[c] : A(0));
+        A ysum = 0;
+        for (int64_t n = 0; n < N; ++n) ysum += yb[c * N + n];
+        f.vbar[i] = wv[c] * g * (ysum / A(N)) + wv[c] * h + (bv ? bv[c] : A(0));
+      }
+    }
+  });
+  const int64_t chunks = (D + kRowsPerTask - 1) / kRowsPerTask;
+  const A scale = A(1) / std::sqrt(A(D));
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  // A row is normalised against an upper bound of its max, sum_n max_j(q_n K[n, j]), so scores,
+  // exponentials and sums take one pass (the bound is the exact max when N == 1, as for 7x7 maps
+  // with a 7x7 window). If the bound overshoots so far that every term underflows, the row is redone
+  // against its exact max.
+  const A min_den = std::numeric_limits<A>::min() * A(1 << 24);
+  at::parallel_for(0, B * heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> kt(N * Dp), vbar(Dp), kmax(N), kmin(N), q(N);
+    // Added to the last vector of scores: padding lanes get -inf, so exp() makes them 0.
+    alignas(64) A tail[L];
+    for (int64_t l = 0; l < L; ++l) tail[l] = (Dp - L + l) < D ? A(0) : neg_inf;
+    const V tail_v = V::loadu(tail);
+    auto scores = [&](int64_t j) {
+      V s(0);
+      for (int64_t n = 0; n < N; ++n) s = at::vec::fmadd(V(q[n]), V::loadu(kt.data() + n * Dp + j), s);
+      return j + L == Dp ? s + tail_v : s;
+    };
+    auto softmax_dot = [&](A m, A& num, A& den) {
+      V vn(0), vd(0);
+      for (int64_t j = 0; j < Dp; j += L) {
+        const V p = (scores(j) - V(m)).exp_u20();
+        vd += p;
+        vn = at::vec::fmadd(p, V::loadu(vbar.data() + j), vn);
+      }
+      num = reduce_sum(vn), den = reduce_sum(vd);
+    };
+    int64_t staged = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / chunks, b = bh / heads, c0 = bh % heads * D;
+      const A* yb = y + b * C * N;
+      if (bh != staged) {  // K^T, its row extremes, and vbar of this head
+        std::fill(kt.begin(), kt.end(), A(0));
+        std::fill(vbar.begin(), vbar.end(), A(0));
+        for (int64_t j = 0; j < D; ++j) {
+          const int64_t i = b * C + c0 + j;
+          for (int64_t n = 0; n < N; ++n) kt[n * Dp + j] = f.ak[i] * yb[(c0 + j) * N + n] + f.bk[i];
+          vbar[j] = f.vbar[i];
+        }
+        for (int64_t n = 0; n < N; ++n) {
+          kmax[n] = *std::max_element(kt.begin() + n * Dp, kt.begin() + n * Dp + D);
+          kmin[n] = *std::min_element(kt.begin() + n * Dp, kt.begin() + n * Dp + D);
+        }
+        staged = bh;
+      }
+      const int64_t r0 = t % chunks * kRowsPerTask, r1 = std::min(D, r0 + kRowsPerTask);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i = b * C + c0 + r;
+        A bound = 0, num, den;
+        for (int64_t n = 0; n < N; ++n) {
+          q[n] = (f.aq[i] * yb[(c0 + r) * N + n] + f.bq[i]) * scale;
+          bound += q[n] >= 0 ? q[n] * kmax[n] : q[n] * kmin[n];
+        }
+        softmax_dot(bound, num, den);
+        if (!(den >= min_den)) {
+          V mx(neg_inf);
+          for (int64_t j = 0; j < Dp; j += L) mx = at::vec::maximum(mx, scores(j));
+          softmax_dot(reduce_max(mx), num, den);
+        }
+        o[i] = num / den;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void channel_attention(Forward& f, int64_t b0, int64_t nb) {
+  const int64_t C = f.C, N = f.y.size(2) * f.y.size(3);
+  AT_DISPATCH_FLOATING_TYPES(f.y.scalar_type(), "scsa_channel_attention", [&] {
+    using A = scalar_t;
+    auto ptr = [](const Tensor& t) { return t.defined() ? t.const_data_ptr<A>() : nullptr; };
+    channel_attention_impl<A>(ptr(f.y) + b0 * C * N, f.o.data_ptr<A>() + b0 * C, ptr(f.norm_weight),
+                              ptr(f.norm_bias), ptr(f.q_weight), ptr(f.k_weight), ptr(f.v_weight), ptr(f.q_bias),
+                              ptr(f.k_bias), ptr(f.v_bias), nb, C, N, f.head_num, A(f.eps));
+  });
+}
+
+}  // namespace scsa

@@ -1,0 +1,148 @@
+// First full-size pass of the backward (DESIGN.md section 3): one read of g and X yields every
+// sum the gate gradients need (the same outputs as the Triton gate_grads kernel):
+//   R[b,c,h]    = sum_w g X a_w              (B, C, H)
+//   S[b,c,i,w]  = sum_{h in row i} g X a_h   (B, C, HC, W), HC = cdiv(H, KH): leftover rows included
+//   U[b,c,h,j]  = sum_{w in window j} X a_w  (B, C, HO * KH, WO)
+//   V[b,c,i,w]  = sum_{h in row i} X a_h     (B, C, HO, WO * KW)
+#include "scsa.h"
+
+namespace scsa {
+namespace {
+
+struct Sums {
+  void *r, *s, *u, *v;
+};
+
+template <typename T>
+void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, const Sums& out,
+                     int64_t planes, int64_t H, int64_t W, int64_t kh, int64_t kw) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh, wc = wo * kw;
+  A *R = static_cast<A*>(out.r), *S = static_cast<A*>(out.s), *U = static_cast<A*>(out.u),
+    *Vs = static_cast<A*>(out.v);
+  at::parallel_for(0, planes, grain(2 * H * W), [&](int64_t begin, int64_t end) {
+    std::vector<A> xaw(W);
+    for (int64_t p = begin; p < end; ++p) {
+      const A* a_w = aw + p * W;
+      for (int64_t i = 0; i < hc; ++i) {
+        const bool full = i < ho;  // a whole window row, not the leftover rows
+        A* s_row = S + (p * hc + i) * W;
+        A* v_row = Vs + (p * ho + i) * wc;
+        std::fill(s_row, s_row + W, A(0));
+        if (full) std::fill(v_row, v_row + wc, A(0));
+        for (int64_t h = i * kh; h < std::min(H, (i + 1) * kh); ++h) {
+          const V a_h(ah[p * H + h]);
+          const T* gr = g + (p * H + h) * W;
+          const T* xr = x + (p * H + h) * W;
+          V r(0);
+          for_lanes<A>(W, [&](int64_t w, int64_t n) {
+            const auto xv = load(xr + w, n), gx = load(gr + w, n) * xv, aw_v = V::loadu(a_w + w, n);
+            r = at::vec::fmadd(gx, aw_v, r);
+            at::vec::fmadd(gx, a_h, V::loadu(s_row + w, n)).store(s_row + w, n);
+            (xv * aw_v).store(xaw.data() + w, n);
+            if (full && w < wc) {
+              const int64_t nv = std::min(n, wc - w);
+              at::vec::fmadd(xv, a_h, V::loadu(v_row + w, nv)).store(v_row + w, nv);
+            }
+          });
+          R[p * H + h] = reduce_sum(r);
+          if (full)
+            for (int64_t j = 0; j < wo; ++j) {
+              A u = 0;
+              for (int64_t t = j * kw; t < (j + 1) * kw; ++t) u += xaw[t];
+              U[(p * ho * kh + h) * wo + j] = u;
+            }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void gate_grads_nhwc(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, const Sums& out,
+                     int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh, wc = wo * kw;
+  const int64_t cb = std::min(C, kChannelBlock), nblk = (C + cb - 1) / cb;
+  A *R = static_cast<A*>(out.r), *S = static_cast<A*>(out.s), *U = static_cast<A*>(out.u),
+    *Vs = static_cast<A*>(out.v);
+  // Tasks: (sample, channel block, window row); accumulators are [position][channel] like X.
+  at::parallel_for(0, B * nblk * hc, grain(2 * kh * W * cb), [&](int64_t begin, int64_t end) {
+    std::vector<A> aw_t(W * cb), ah_t(cb), r(cb), s(W * cb), v(wc * cb), u(wo * cb);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (nblk * hc), c0 = t / hc % nblk * cb, cn = std::min(cb, C - c0), i = t % hc;
+      const bool full = i < ho;
+      for (int64_t c = 0; c < cn; ++c)
+        for (int64_t w = 0; w < W; ++w) aw_t[w * cb + c] = aw[(b * C + c0 + c) * W + w];
+      std::fill(s.begin(), s.end(), A(0));
+      std::fill(v.begin(), v.end(), A(0));
+      for (int64_t h = i * kh; h < std::min(H, (i + 1) * kh); ++h) {
+        for (int64_t c = 0; c < cn; ++c) ah_t[c] = ah[(b * C + c0 + c) * H + h];
+        std::fill(r.begin(), r.end(), A(0));
+        std::fill(u.begin(), u.end(), A(0));
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t off = ((b * H + h) * W + w) * C + c0;
+          const bool windowed = full && w < wc;
+          for_lanes<A>(cn, [&](int64_t c, int64_t n) {
+            const auto xv = load(x + off + c, n), gx = load(g + off + c, n) * xv;
+            const auto aw_v = V::loadu(aw_t.data() + w * cb + c, n), ah_v = V::loadu(ah_t.data() + c, n);
+            at::vec::fmadd(gx, aw_v, V::loadu(r.data() + c, n)).store(r.data() + c, n);
+            at::vec::fmadd(gx, ah_v, V::loadu(s.data() + w * cb + c, n)).store(s.data() + w * cb + c, n);
+            if (windowed) {
+              A* vw = v.data() + w * cb + c;
+              at::vec::fmadd(xv, ah_v, V::loadu(vw, n)).store(vw, n);
+              A* uj = u.data() + w / kw * cb + c;
+              at::vec::fmadd(xv, aw_v, V::loadu(uj, n)).store(uj, n);
+            }
+          });
+        }
+        for (int64_t c = 0; c < cn; ++c) {
+          const int64_t bc = b * C + c0 + c;
+          R[bc * H + h] = r[c];
+          if (full)
+            for (int64_t j = 0; j < wo; ++j) U[(bc * ho * kh + h) * wo + j] = u[j * cb + c];
+        }
+      }
+      for (int64_t c = 0; c < cn; ++c) {
+        const int64_t bc = b * C + c0 + c;
+        for (int64_t w = 0; w < W; ++w) S[(bc * hc + i) * W + w] = s[w * cb + c];
+        if (full)
+          for (int64_t w = 0; w < wc; ++w) Vs[(bc * ho + i) * wc + w] = v[w * cb + c];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gate_grads(const Tensor& g_in, const Tensor& x_in, const Tensor& ah_in,
+                                                      const Tensor& aw_in, int64_t kh, int64_t kw) {
+  check_x(x_in, "x");
+  check_window(x_in, kh, kw);
+  auto [x, channels_last] = dense(x_in);
+  TORCH_CHECK(g_in.sizes() == x.sizes() && g_in.scalar_type() == x.scalar_type(),
+              "scsa_cpp: the upstream gradient must match x: got ", g_in.sizes(), " ", g_in.scalar_type(),
+              " for x ", x.sizes(), " ", x.scalar_type());
+  Tensor g = g_in.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh;
+  const auto acc = acc_dtype(x.scalar_type());
+  Tensor ah = check_small(ah_in, "a_h", {B, C, H}, acc), aw = check_small(aw_in, "a_w", {B, C, W}, acc);
+  const auto opts = ah.options();
+  Tensor r = at::empty({B, C, H}, opts), s = at::empty({B, C, hc, W}, opts);
+  Tensor u = at::empty({B, C, ho * kh, wo}, opts), v = at::empty({B, C, ho, wo * kw}, opts);
+  const Sums out{r.data_ptr(), s.data_ptr(), u.data_ptr(), v.data_ptr()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "scsa_gate_grads", [&] {
+    using A = acc_t<scalar_t>;
+    const auto *gp = g.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
+    if (channels_last)
+      gate_grads_nhwc(gp, xp, ah.const_data_ptr<A>(), aw.const_data_ptr<A>(), out, B, C, H, W, kh, kw);
+    else
+      gate_grads_nchw(gp, xp, ah.const_data_ptr<A>(), aw.const_data_ptr<A>(), out, B * C, H, W, kh, kw);
+  });
+  return {r, s, u, v};
+}
+
+}  // namespace scsa

@@ -1,0 +1,112 @@
+// F3 of DESIGN.md: Y = avg_pool(X * a_h * a_w) without storing X * a_h * a_w. a_h is constant
+// along a row and a_w down a column, so rows are first summed with their a_h, then a_w is
+// applied once per window row. Global pooling is the same pass with one window of H x W.
+#include "scsa.h"
+
+namespace scsa {
+namespace {
+
+// One window row of one plane, NV vectors of columns at a time: the row sums stay in registers
+// while the kh rows stream past (a store/load round trip per row would bound small planes).
+template <int NV, typename T>
+void window_row(const T* rows, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>* weighted, int64_t W,
+                int64_t wc, int64_t kh) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  for (int64_t w0 = 0; w0 < wc; w0 += NV * L) {
+    V acc[NV];
+    int64_t n[NV];
+    start_run(wc, w0, acc, n);
+    for (int64_t r = 0; r < kh; ++r) {
+      const V a_h(ah[r]);
+      for (int v = 0; v < NV; ++v)
+        if (n[v] > 0) acc[v] = at::vec::fmadd(load(rows + r * W + w0 + v * L, n[v]), a_h, acc[v]);
+    }
+    for (int v = 0; v < NV; ++v)
+      if (n[v] > 0) (acc[v] * V::loadu(aw + w0 + v * L, n[v])).store(weighted + w0 + v * L, n[v]);
+  }
+}
+
+template <typename T>
+void gated_pool_nchw(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>* y, int64_t planes,
+                     int64_t H, int64_t W, int64_t kh, int64_t kw) {
+  using A = acc_t<T>;
+  constexpr int64_t L = Vectorized<A>::size();
+  const int64_t ho = H / kh, wo = W / kw, wc = wo * kw;  // wc: columns covered by windows
+  const A inv = A(1) / A(kh * kw);
+  at::parallel_for(0, planes, grain(H * W), [&](int64_t begin, int64_t end) {
+    std::vector<A> weighted(wc);  // the window row's column sums times a_w
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t i = 0; i < ho; ++i) {
+        const T* rows = x + (p * H + i * kh) * W;
+        const A* a_h = ah + p * H + i * kh;
+        if (wc <= L)
+          window_row<1>(rows, a_h, aw + p * W, weighted.data(), W, wc, kh);
+        else if (wc <= 2 * L)
+          window_row<2>(rows, a_h, aw + p * W, weighted.data(), W, wc, kh);
+        else
+          window_row<4>(rows, a_h, aw + p * W, weighted.data(), W, wc, kh);
+        for (int64_t j = 0; j < wo; ++j) {
+          A s = 0;
+          for (int64_t t = j * kw; t < (j + 1) * kw; ++t) s += weighted[t];
+          y[(p * ho + i) * wo + j] = s * inv;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void gated_pool_nhwc(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>* y, int64_t B, int64_t C,
+                     int64_t H, int64_t W, int64_t kh, int64_t kw) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const int64_t ho = H / kh, wo = W / kw, wc = wo * kw;
+  const int64_t cb = std::min(C, kChannelBlock), nblk = (C + cb - 1) / cb;
+  const A inv = A(1) / A(kh * kw);
+  at::parallel_for(0, B * nblk, grain(H * W * cb), [&](int64_t begin, int64_t end) {
+    // Gates transposed to [position][channel] so the inner loop runs along C like X.
+    std::vector<A> ah_t(H * cb), aw_t(wc * cb), acc(wo * cb);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nblk, c0 = t % nblk * cb, cn = std::min(cb, C - c0);
+      for (int64_t c = 0; c < cn; ++c) {
+        for (int64_t h = 0; h < H; ++h) ah_t[h * cb + c] = ah[(b * C + c0 + c) * H + h];
+        for (int64_t w = 0; w < wc; ++w) aw_t[w * cb + c] = aw[(b * C + c0 + c) * W + w];
+      }
+      for (int64_t i = 0; i < ho; ++i) {
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t h = i * kh; h < (i + 1) * kh; ++h)
+          for (int64_t w = 0; w < wc; ++w) {
+            const T* px = x + ((b * H + h) * W + w) * C + c0;
+            A* aj = acc.data() + w / kw * cb;
+            for_lanes<A>(cn, [&](int64_t c, int64_t n) {
+              auto g = V::loadu(ah_t.data() + h * cb + c, n) * V::loadu(aw_t.data() + w * cb + c, n);
+              (V::loadu(aj + c, n) + load(px + c, n) * g).store(aj + c, n);
+            });
+          }
+        for (int64_t c = 0; c < cn; ++c)
+          for (int64_t j = 0; j < wo; ++j) y[((b * C + c0 + c) * ho + i) * wo + j] = acc[j * cb + c] * inv;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void gated_pool(Forward& f, int64_t b0, int64_t nb) {
+  const int64_t C = f.C, H = f.H, W = f.W, kh = f.kh, kw = f.kw;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.x.scalar_type(), "scsa_gated_pool", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* x = f.x.const_data_ptr<scalar_t>() + b0 * C * H * W;
+    const A* ah = f.ah.const_data_ptr<A>() + b0 * C * H;
+    const A* aw = f.aw.const_data_ptr<A>() + b0 * C * W;
+    A* y = f.y.data_ptr<A>() + b0 * C * (H / kh) * (W / kw);
+    if (f.channels_last)
+      gated_pool_nhwc(x, ah, aw, y, nb, C, H, W, kh, kw);
+    else
+      gated_pool_nchw(x, ah, aw, y, nb * C, H, W, kh, kw);
+  });
+}
+
+}  // namespace scsa

@@ -1,0 +1,94 @@
+// F1 of DESIGN.md: row sums p_h (B, C, H) and column sums p_w (1, B, C, W) of X in one read.
+// The leading 1 keeps the Triton provider's banded layout (here a single band), so the spatial
+// gate and the autograd Function see the same shapes from either provider.
+#include "scsa.h"
+
+namespace scsa {
+namespace {
+
+// NV vectors of columns of one plane at a time: the column sums stay in registers while the rows
+// stream past; each row's sum is one horizontal reduction of its NV vectors.
+template <int NV, typename T>
+void plane_sums(const T* plane, acc_t<T>* ph, acc_t<T>* pw, int64_t H, int64_t W) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  for (int64_t w0 = 0; w0 < W; w0 += NV * L) {
+    V col[NV];
+    int64_t n[NV];
+    start_run(W, w0, col, n);
+    for (int64_t h = 0; h < H; ++h) {
+      V row(0);
+      for (int v = 0; v < NV; ++v)
+        if (n[v] > 0) {
+          const auto x = load(plane + h * W + w0 + v * L, n[v]);
+          col[v] += x;
+          row += x;
+        }
+      ph[h] = (w0 == 0 ? A(0) : ph[h]) + reduce_sum(row);
+    }
+    for (int v = 0; v < NV; ++v)
+      if (n[v] > 0) col[v].store(pw + w0 + v * L, n[v]);
+  }
+}
+
+template <typename T>
+void pool_nchw(const T* x, acc_t<T>* ph, acc_t<T>* pw, int64_t planes, int64_t H, int64_t W) {
+  constexpr int64_t L = Vectorized<acc_t<T>>::size();
+  at::parallel_for(0, planes, grain(H * W), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      if (W <= L)
+        plane_sums<1>(x + p * H * W, ph + p * H, pw + p * W, H, W);
+      else if (W <= 2 * L)
+        plane_sums<2>(x + p * H * W, ph + p * H, pw + p * W, H, W);
+      else
+        plane_sums<4>(x + p * H * W, ph + p * H, pw + p * W, H, W);
+    }
+  });
+}
+
+template <typename T>
+void pool_nhwc(const T* x, acc_t<T>* ph, acc_t<T>* pw, int64_t B, int64_t C, int64_t H, int64_t W) {
+  using A = acc_t<T>;
+  const int64_t cb = std::min(C, kChannelBlock), nblk = (C + cb - 1) / cb;
+  at::parallel_for(0, B * nblk, grain(H * W * cb), [&](int64_t begin, int64_t end) {
+    std::vector<A> row(cb), col(W * cb);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nblk, c0 = t % nblk * cb, cn = std::min(cb, C - c0);
+      std::fill(col.begin(), col.end(), A(0));
+      for (int64_t h = 0; h < H; ++h) {
+        std::fill(row.begin(), row.end(), A(0));
+        for (int64_t w = 0; w < W; ++w) {
+          const T* px = x + ((b * H + h) * W + w) * C + c0;
+          A* cw = col.data() + w * cb;
+          for_lanes<A>(cn, [&](int64_t c, int64_t n) {
+            auto v = load(px + c, n);
+            (Vectorized<A>::loadu(row.data() + c, n) + v).store(row.data() + c, n);
+            (Vectorized<A>::loadu(cw + c, n) + v).store(cw + c, n);
+          });
+        }
+        for (int64_t c = 0; c < cn; ++c) ph[(b * C + c0 + c) * H + h] = row[c];
+      }
+      for (int64_t c = 0; c < cn; ++c)
+        for (int64_t w = 0; w < W; ++w) pw[(b * C + c0 + c) * W + w] = col[w * cb + c];
+    }
+  });
+}
+
+}  // namespace
+
+void pool(Forward& f, int64_t b0, int64_t nb) {
+  const int64_t C = f.C, H = f.H, W = f.W;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.x.scalar_type(), "scsa_pool", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* x = f.x.const_data_ptr<scalar_t>() + b0 * C * H * W;
+    A* ph = f.ph.data_ptr<A>() + b0 * C * H;
+    A* pw = f.pw.data_ptr<A>() + b0 * C * W;
+    if (f.channels_last)
+      pool_nhwc(x, ph, pw, nb, C, H, W);
+    else
+      pool_nchw(x, ph, pw, nb * C, H, W);
+  });
+}
+
+}  // namespace scsa

@@ -1,0 +1,191 @@
+// Shared pieces of the fused SCSA CPU path (DESIGN.md sections 2-3): input checks, the two
+// supported memory layouts, and at::vec load/store helpers that widen bf16/fp16 to fp32 lanes.
+// Every pass accumulates in at::opmath_type (fp32, or fp64 for fp64 inputs); the small outputs
+// (pooled sums, gates, Y, logits, backward partial sums) are in that accumulator dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace scsa {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+template <typename T>
+using acc_t = at::opmath_type<T>;
+template <typename T>
+using AccVec = Vectorized<acc_t<T>>;
+
+// n <= size() elements of p, widened to accumulator lanes; lanes past n are zero.
+template <typename T>
+inline AccVec<T> load(const T* p, int64_t n) {
+  using A = acc_t<T>;
+  constexpr int64_t L = AccVec<T>::size();
+  if constexpr (std::is_same_v<T, A>) {
+    return n == L ? AccVec<T>::loadu(p) : AccVec<T>::loadu(p, n);
+  } else {
+    if (n == L) {
+      Vectorized<float> v;
+      at::vec::load_to_float(p, v);
+      return v;
+    }
+    alignas(64) A buf[L] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<A>(p[i]);
+    return AccVec<T>::loadu(buf);
+  }
+}
+
+template <typename T>
+inline void store(T* p, const AccVec<T>& v, int64_t n) {
+  using A = acc_t<T>;
+  if constexpr (std::is_same_v<T, A>) {
+    v.store(p, n);
+  } else {
+    alignas(64) A buf[AccVec<T>::size()];
+    v.store(buf);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
+  }
+}
+
+template <typename A>
+inline A reduce_sum(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
+}
+
+template <typename A>
+inline A reduce_max(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>(
+      [](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// Calls f(i, n) for i = 0, L, 2L, ... < len with n lanes in that step.
+template <typename A, typename F>
+inline void for_lanes(int64_t len, const F& f) {
+  constexpr int64_t L = Vectorized<A>::size();
+  for (int64_t i = 0; i < len; i += L) f(i, std::min(L, len - i));
+}
+
+// A run of NV vectors starting at column w0 of a row of `len` columns, for loops that keep NV
+// accumulators in registers: each accumulator zeroed, n[v] its lanes (0 past the row's end).
+template <int NV, typename A>
+inline void start_run(int64_t len, int64_t w0, Vectorized<A> (&acc)[NV], int64_t (&n)[NV]) {
+  constexpr int64_t L = Vectorized<A>::size();
+  for (int v = 0; v < NV; ++v) {
+    acc[v] = Vectorized<A>(0);
+    n[v] = std::clamp<int64_t>(len - w0 - v * L, 0, L);
+  }
+}
+
+// Channels per task in the channels_last passes: the vector loops run along C.
+constexpr int64_t kChannelBlock = 64;
+// Minimum elements of X per parallel task: below this, thread hand-off costs more than it saves.
+constexpr int64_t kGrainElems = 16384;
+
+inline int64_t grain(int64_t elems_per_item) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
+}
+
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// X as one of the two layouts the passes handle. NCHW wins when a tensor is both (C == 1 or
+// H == W == 1); other strides are copied to NCHW. The outputs of apply_gates / input_grad use the
+// layout returned here (a Python fake implementation mirrors this rule).
+inline std::pair<Tensor, bool> dense(const Tensor& x) {
+  if (x.is_contiguous()) return {x, false};
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return {x, true};
+  return {x.contiguous(), false};
+}
+
+inline void check_x(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "scsa_cpp: ", name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, "scsa_cpp: ", name, " must be 4-D (B, C, H, W), got shape ", x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+              "scsa_cpp: ", name, " must be float32, float64, bfloat16 or float16, got ", t);
+  TORCH_CHECK(x.size(1) % 4 == 0, "scsa_cpp: ", name, " must have a multiple of 4 channels, got ",
+              x.size(1));
+}
+
+// A small tensor of the accumulator dtype with exactly `sizes` (any strides: made contiguous).
+inline Tensor check_small(const Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType acc) {
+  TORCH_CHECK(t.device().is_cpu(), "scsa_cpp: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.sizes() == sizes, "scsa_cpp: ", name, " must have shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc, "scsa_cpp: ", name, " must be ", acc, ", got ", t.scalar_type());
+  return t.contiguous();
+}
+
+// A parameter vector of `numel` values, converted to the accumulator dtype.
+inline Tensor param(const Tensor& t, const char* name, int64_t numel, at::ScalarType acc) {
+  TORCH_CHECK(t.device().is_cpu(), "scsa_cpp: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.numel() == numel, "scsa_cpp: ", name, " must have ", numel, " elements, got shape ",
+              t.sizes());
+  return t.to(acc).contiguous().view({numel});
+}
+
+inline void check_window(const Tensor& x, int64_t kh, int64_t kw) {
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= x.size(2) && kw <= x.size(3), "scsa_cpp: pooling window (",
+              kh, ", ", kw, ") must be >= 1 and fit the map ", x.sizes());
+}
+
+// Channel gate a_c (B, C) from the logits o (B, C): sigmoid, or softmax over the channels.
+template <typename A>
+inline void channel_gate(const A* o, A* ac, int64_t B, int64_t C, bool softmax) {
+  for (int64_t b = 0; b < B; ++b) {
+    const A* ob = o + b * C;
+    A* a = ac + b * C;
+    if (softmax) {
+      A m = *std::max_element(ob, ob + C), s = 0;
+      for (int64_t c = 0; c < C; ++c) s += a[c] = std::exp(ob[c] - m);
+      for (int64_t c = 0; c < C; ++c) a[c] /= s;
+    } else {
+      using V = Vectorized<A>;
+      for_lanes<A>(C, [&](int64_t c, int64_t n) { (V(1) / (V(1) + V::loadu(ob + c, n).neg().exp_u20())).store(a + c, n); });
+    }
+  }
+}
+
+// One forward call, checked and converted once (forward.cpp): the input, every parameter in the
+// accumulator dtype, and the outputs the passes fill. Each pass runs on samples [b0, b0 + nb).
+struct Forward {
+  Tensor x;
+  bool channels_last;
+  int64_t B, C, H, W, kh, kw, head_num;
+  bool softmax;
+  double eps;
+  std::vector<Tensor> conv_w, conv_b;  // (G * k_i) and (G) per channel group
+  std::vector<int64_t> kernel_sizes;
+  Tensor norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_weight, norm_bias;
+  Tensor q_weight, k_weight, v_weight, q_bias, k_bias, v_bias;  // biases undefined without qkv_bias
+  Tensor out, ph, pw, ah, aw, y, o;  // pw: (1, B, C, W), the Triton provider's banded layout with one band
+};
+
+void pool(Forward& f, int64_t b0, int64_t nb);
+void spatial_gate(Forward& f, int64_t b0, int64_t nb);
+void gated_pool(Forward& f, int64_t b0, int64_t nb);
+void channel_attention(Forward& f, int64_t b0, int64_t nb);
+void apply_gates(Forward& f, int64_t b0, int64_t nb);
+
+std::vector<Tensor> forward(const Tensor& x, at::TensorList conv_weights, at::TensorList conv_biases,
+                            const Tensor& norm_h_weight, const Tensor& norm_h_bias, const Tensor& norm_w_weight,
+                            const Tensor& norm_w_bias, const Tensor& norm_weight, const Tensor& norm_bias,
+                            const Tensor& q_weight, const Tensor& k_weight, const Tensor& v_weight,
+                            const std::optional<Tensor>& q_bias, const std::optional<Tensor>& k_bias,
+                            const std::optional<Tensor>& v_bias, int64_t head_num, int64_t kh, int64_t kw,
+                            bool softmax, double eps);
+Tensor input_grad(const Tensor& g, const Tensor& x, const Tensor& ah, const Tensor& aw, const Tensor& o,
+                  const Tensor& dy, const Tensor& dph, const Tensor& dpw, int64_t kh, int64_t kw,
+                  bool softmax);
+std::tuple<Tensor, Tensor, Tensor, Tensor> gate_grads(const Tensor& g, const Tensor& x, const Tensor& ah,
+                                                      const Tensor& aw, int64_t kh, int64_t kw);
+
+}  // namespace scsa

@@ -1,0 +1,82 @@
+"""The C++ provider: the seven launchers of scsa_ops.function over torch.ops.scsa_cpp (csrc/).
+
+Loading, once per process: the extension setup.py built (scsa_ops._C); if it is missing or does
+not import (installed without a build, built for another torch), it is compiled with
+torch.utils.cpp_extension.load (ninja) into a per-torch cache and a log line says so; if that
+fails too, `load()` returns the reason and the backends fall back to eager (auto) or raise (cpp)."""
+import importlib
+import logging
+import sys
+
+import torch
+
+from .. import _build
+
+log = logging.getLogger("scsa_ops")
+
+_ORDER = ("DEFAULT", "AVX2", "AVX512")
+_state = None
+
+
+def _jit():
+    path = _build.jit_build_dir()
+    log.warning("SCSA: scsa_ops._C is not built for this install; compiling the C++ extension "
+                "with torch.utils.cpp_extension.load into %s (first use only)", path)
+    from torch.utils.cpp_extension import load as load_extension
+
+    return load_extension(name=_build.JIT_NAME, sources=_build.sources(), extra_cflags=_build.cxx_flags(),
+                          extra_ldflags=_build.ld_flags(), build_directory=path, verbose=False)
+
+
+def _import():
+    try:
+        return importlib.import_module("scsa_ops._C"), None
+    except ImportError as e:
+        built_why = f"scsa_ops._C does not import ({e})"
+    if not _build.sources():
+        return None, f"{built_why}, and the C++ sources ({_build.CSRC}) are not available to build it"
+    try:
+        return _jit(), None
+    except Exception as e:  # compiler missing, ninja missing, build error: all mean "no C++ path"
+        return None, f"{built_why}, and building it with torch.utils.cpp_extension.load failed: {e}"
+
+
+def load():
+    """(this module as the provider, None) or (None, why the C++ path is unavailable)."""
+    global _state
+    if _state is None:
+        ext, why = _import()
+        if ext is not None:
+            here = torch.backends.cpu.get_cpu_capability()
+            here = here if here in _ORDER else "DEFAULT"
+            if _ORDER.index(ext.capability) > _ORDER.index(here):
+                ext, why = None, (f"scsa_ops._C was built for {ext.capability} instructions and this CPU "
+                                  f"runs torch at {here}; reinstall to rebuild it here")
+        if ext is not None:
+            from . import library
+
+            library.register_fakes("scsa_cpp")
+        _state = (None, why) if ext is None else (sys.modules[__name__], None)
+    return _state
+
+
+# The launchers: same signatures as the Triton provider (scsa_ops/ops/triton/__init__.py).
+
+def forward(x, p, cfg, window, eps):
+    """(out, p_h, p_w, a_h, a_w, Y, o) in one call; p: function.Params."""
+    out, ph, pw, ah, aw, y, o = torch.ops.scsa_cpp.forward(
+        x, p.conv_w, p.conv_b, *p.norm_h, *p.norm_w, *p.norm, *p.qkv_w, *p.qkv_b, cfg.head_num, *window,
+        cfg.gate == "softmax", eps)
+    return out, ph, pw, ah, aw, y, o
+
+
+def gate_grads(g, x, ah, aw, window):
+    return torch.ops.scsa_cpp.gate_grads(g, x, ah, aw, *window)
+
+
+def input_grad(g, x, ah, aw, o, dy, dph, dpw, window, softmax):
+    return torch.ops.scsa_cpp.input_grad(g, x, ah, aw, o, dy, dph, dpw, *window, softmax)
+
+
+def fits(w, window_w):
+    return True  # rows are streamed in vectors: no width limit

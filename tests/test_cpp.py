@@ -1,0 +1,178 @@
+"""The C++ CPU path beyond what test_fused.py holds every provider to: it is built and loaded here,
+its ops pass torch.library.opcheck, a model using it compiles with fullgraph=True, both schedules
+(sample-major and pass-major) agree, inputs are checked by the ops themselves, and a missing
+binary is rebuilt with torch.utils.cpp_extension.load."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import TOL, grad_err, pair, rel_err, run
+from scsa_ops import reference
+from scsa_ops.function import Params
+from scsa_ops.ops import cpp
+from scsa_ops.ops.library import output_format
+
+
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.fixture(scope="module")
+def provider():
+    provider, why = cpp.load()
+    assert provider is not None, why  # `make test` builds the extension: its absence is a failure
+    return provider
+
+
+def _forward_args(module, x):
+    p = Params(module.state_dict_params())
+    kh, kw = reference.window_of(module.window_size, *x.shape[2:])
+    return (x, p.conv_w, p.conv_b, *p.norm_h, *p.norm_w, *p.norm, *p.qkv_w, *p.qkv_b, module.head_num, kh, kw,
+            module.gate_layer == "softmax", reference.EPS)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_intermediates_match_reference(provider, channels_last):
+    """Each pass's output, not just the end result: p_h, p_w, a_h, a_w, Y and the logits o."""
+    cfg = dict(dim=16, head_num=2, qkv_bias=True)
+    ref, fused = pair(cfg, backend="cpp", device="cpu")
+    x = torch.randn(3, 16, 17, 15, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out, ph, pw, ah, aw, y, o = torch.ops.scsa_cpp.forward(*_forward_args(fused, x))
+    convs = ref.convs()
+    cw, cb = [c.weight for c in convs], [c.bias for c in convs]
+    with torch.no_grad():
+        ah_r = reference.spatial_gate(x.mean(3), cw, cb, ref.norm_h.weight, ref.norm_h.bias, "sigmoid")
+        aw_r = reference.spatial_gate(x.mean(2), cw, cb, ref.norm_w.weight, ref.norm_w.bias, "sigmoid")
+        y_r = torch.nn.functional.avg_pool2d(x * ah_r[..., None] * aw_r[:, :, None], 7)
+        o_r = reference.channel_attention_logits(y_r, ref.norm.weight, ref.norm.bias,
+                                                 (ref.q.weight, ref.k.weight, ref.v.weight),
+                                                 (ref.q.bias, ref.k.bias, ref.v.bias), 2)
+        out_r = ref(x)
+    for got, want in [(ph, x.sum(3)), (pw[0], x.sum(2)), (ah, ah_r), (aw, aw_r), (y, y_r), (o, o_r), (out, out_r)]:
+        assert rel_err(got, want) < 1e-13
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_sample_major_and_pass_major_agree(provider, threads, batch):
+    """B >= 2 x threads runs sample-major, smaller batches pass-major: same numbers either way."""
+    cfg = dict(dim=32, head_num=4, gate_layer="softmax")
+    ref, fused = pair(cfg, backend="cpp", device="cpu")
+    fused, ref = fused.float(), ref.float()
+    x = torch.randn(batch, 32, 15, 22)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = fused(x)
+    finally:
+        torch.set_num_threads(old)
+    assert rel_err(out, ref.double()(x.double())) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("cfg,shape", [
+    (dict(dim=16, head_num=2, qkv_bias=True), (2, 16, 17, 15)),
+    (dict(dim=8, window_size=-1, gate_layer="softmax"), (3, 8, 6, 9)),
+])
+def test_opcheck(provider, cfg, shape, channels_last):
+    """Schemas, fake implementations (shapes, strides, dtypes) and autograd registration agree with
+    the kernels, for the forward op and both backward ops. opcheck's AOT-dispatch utilities would
+    differentiate each op on its own; these ops are SCSAFunction's insides and refuse that by
+    design, so tracing them through AOT autograd is tested on the whole module below instead."""
+    _, fused = pair(cfg, backend="cpp", device="cpu")
+    x = torch.randn(shape, dtype=torch.float32)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    fused = fused.float()
+    args = _forward_args(fused, x)
+    torch.library.opcheck(torch.ops.scsa_cpp.forward.default, args, test_utils=OPCHECKS)
+    out, ph, pw, ah, aw, y, o = torch.ops.scsa_cpp.forward(*args)
+    g = torch.randn_like(x)
+    kh, kw = args[-4], args[-3]
+    torch.library.opcheck(torch.ops.scsa_cpp.gate_grads.default, (g, x, ah, aw, kh, kw), test_utils=OPCHECKS)
+    dy, dph, dpw = torch.randn_like(y), torch.randn_like(ah), torch.randn_like(aw)
+    torch.library.opcheck(torch.ops.scsa_cpp.input_grad.default, (g, x, ah, aw, o, dy, dph, dpw, kh, kw, False),
+                          test_utils=OPCHECKS)
+
+
+def test_fake_layout_rule():
+    x = torch.empty(2, 8, 5, 5)
+    assert output_format(x) == torch.contiguous_format
+    assert output_format(x.to(memory_format=torch.channels_last)) == torch.channels_last
+    assert output_format(x.transpose(2, 3)) == torch.contiguous_format  # other strides: copied to NCHW
+    assert output_format(torch.empty(2, 1, 5, 5).to(memory_format=torch.channels_last)) == torch.contiguous_format
+
+
+def test_compile_fullgraph_forward_and_backward(provider):
+    """torch.compile of a CPU model with the fused SCSA: no graph break (fullgraph=True), forward and
+    backward traced by AOT autograd through the registered ops and their fakes, same numbers as eager."""
+    torch._dynamo.reset()
+    cfg = dict(dim=16, head_num=2)
+    ref, fused = pair(cfg, backend="cpp", device="cpu")
+    fused, ref = fused.float(), ref.float()
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), fused)
+    twin = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), ref)
+    twin.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 16, 14, 14)
+    out = compiled(x)
+    out.square().sum().backward()
+    twin(x).square().sum().backward()
+    assert rel_err(out, twin(x)) < TOL[torch.float32]
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    errs = grad_err(grads, {n: p.grad for n, p in twin.named_parameters()})
+    assert max(errs.values()) < 1e-4, errs
+
+
+def test_ops_check_their_inputs(provider):
+    _, fused = pair(dict(dim=8), backend="cpp", device="cpu")
+    x = torch.randn(1, 8, 14, 14, dtype=torch.float64)
+    args = list(_forward_args(fused, x))
+    with pytest.raises(RuntimeError, match="pooling window"):
+        torch.ops.scsa_cpp.forward(*args[:-4], 15, 7, *args[-2:])
+    args[1] = args[1][:3]
+    with pytest.raises(RuntimeError, match="4 conv weights"):
+        torch.ops.scsa_cpp.forward(*args)
+    with pytest.raises(RuntimeError, match="must be 4-D"):
+        torch.ops.scsa_cpp.gate_grads(x[0], x[0], x, x, 7, 7)
+    _, _, _, ah, aw, _, _ = torch.ops.scsa_cpp.forward(*_forward_args(fused, x))
+    with pytest.raises(RuntimeError, match="a_h must be Double"):
+        torch.ops.scsa_cpp.gate_grads(x, x, ah.float(), aw, 7, 7)
+
+
+def test_binary_built_for_a_wider_cpu_is_refused(monkeypatch):
+    fake_ext = type("Ext", (), {"capability": "AVX512"})
+    monkeypatch.setattr(cpp, "_state", None)
+    monkeypatch.setattr(cpp, "_import", lambda: (fake_ext, None))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    provider, why = cpp.load()
+    assert provider is None and "built for AVX512" in why and "AVX2" in why
+
+
+def test_missing_binary_is_built_on_first_use(tmp_path):
+    """The setup.py build hidden: the package compiles csrc/ with cpp_extension.load, logs once,
+    and the result runs."""
+    script = (
+        "import sys, logging, torch\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "sys.modules['scsa_ops._C'] = None\n"  # makes `import scsa_ops._C` raise ImportError
+        "from scsa_ops import SCSA\n"
+        "from scsa_ops.ops import cpp\n"
+        "provider, why = cpp.load()\n"
+        "assert provider is not None, why\n"
+        "m = SCSA(8, backend='cpp').double()\n"
+        "x = torch.randn(2, 8, 9, 9, dtype=torch.float64)\n"
+        "err = (m(x) - m.eager_forward(x)).abs().max().item()\n"
+        "assert err < 1e-12, err\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), MAX_JOBS="2")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
+    assert proc.stderr.count("compiling the C++ extension with torch.utils.cpp_extension.load") == 1
