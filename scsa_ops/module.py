@@ -1,9 +1,9 @@
 """`scsa_ops.SCSA`: the reference module's parameters and state dict, dispatched to a fused path.
 
-Fused (Triton on CUDA, or on CPU tensors under TRITON_INTERPRET=1): avg_pool or global pooling,
-sigmoid or softmax gates, any head_num / kernel sizes / qkv_bias, attention dropout in eval mode,
-rows up to 8192 padded elements wide. Everything else runs the eager math with the same
-parameters: down_sample_mode='max_pool', attention dropout while training, an empty batch.
+Fused (Triton on CUDA, the C++ path on CPU): avg_pool or global pooling, sigmoid or softmax
+gates, any head_num / kernel sizes / qkv_bias, attention dropout in eval mode; Triton rows up to
+2048 padded elements wide. Everything else runs the eager math with the same parameters:
+down_sample_mode='max_pool', attention dropout while training, an empty batch, wider rows.
 """
 from typing import Optional, Sequence
 
