@@ -142,16 +142,12 @@ Tensor input_grad(const Tensor& g_in, const Tensor& x_in, const Tensor& ah_in, c
   auto [x, channels_last] = dense(x_in);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const auto acc = acc_dtype(x.scalar_type());
-  TORCH_CHECK(g_in.sizes() == x.sizes() && g_in.scalar_type() == x.scalar_type(),
-              "scsa_cpp: the upstream gradient must match x: got ", g_in.sizes(), " ", g_in.scalar_type(),
-              " for x ", x.sizes(), " ", x.scalar_type());
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  Tensor g = g_in.contiguous(fmt);
+  Tensor g = upstream(g_in, x, channels_last);
   Tensor ah = check_small(ah_in, "a_h", {B, C, H}, acc), aw = check_small(aw_in, "a_w", {B, C, W}, acc);
   Tensor o = check_small(o_in, "o", {B, C}, acc);
   Tensor dy = check_small(dy_in, "dy", {B, C, H / kh, W / kw}, acc);
   Tensor dph = check_small(dph_in, "dph", {B, C, H}, acc), dpw = check_small(dpw_in, "dpw", {B, C, W}, acc);
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  Tensor dx = at::empty(x.sizes(), x.options().memory_format(format_of(channels_last)));
   AT_DISPATCH_FLOATING_TYPES(acc, "scsa_input_grad", [&] {
     using A = scalar_t;
     std::vector<A> ac(B * C);

@@ -57,8 +57,7 @@ std::vector<Tensor> forward(const Tensor& x_in, at::TensorList conv_weights, at:
   f.aw = at::empty({B, C, f.W}, opts);
   f.y = at::empty({B, C, f.H / kh, f.W / kw}, opts);
   f.o = at::empty({B, C}, opts);
-  f.out = at::empty(f.x.sizes(), f.x.options().memory_format(
-                                      f.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  f.out = at::empty(f.x.sizes(), f.x.options().memory_format(format_of(f.channels_last)));
   auto run = [&](int64_t b0, int64_t nb) {
     pool(f, b0, nb);
     spatial_gate(f, b0, nb);

@@ -122,10 +122,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gate_grads(const Tensor& g_in, const 
   check_x(x_in, "x");
   check_window(x_in, kh, kw);
   auto [x, channels_last] = dense(x_in);
-  TORCH_CHECK(g_in.sizes() == x.sizes() && g_in.scalar_type() == x.scalar_type(),
-              "scsa_cpp: the upstream gradient must match x: got ", g_in.sizes(), " ", g_in.scalar_type(),
-              " for x ", x.sizes(), " ", x.scalar_type());
-  Tensor g = g_in.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  Tensor g = upstream(g_in, x, channels_last);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh;
   const auto acc = acc_dtype(x.scalar_type());

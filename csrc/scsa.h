@@ -106,6 +106,18 @@ inline std::pair<Tensor, bool> dense(const Tensor& x) {
   return {x.contiguous(), false};
 }
 
+inline at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// The upstream gradient g of the backward passes, checked against the dense x and put in its layout.
+inline Tensor upstream(const Tensor& g, const Tensor& x, bool channels_last) {
+  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
+              "scsa_cpp: the upstream gradient must match x: got ", g.sizes(), " ", g.scalar_type(), " for x ",
+              x.sizes(), " ", x.scalar_type());
+  return g.contiguous(format_of(channels_last));
+}
+
 inline void check_x(const Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), "scsa_cpp: ", name, " must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, "scsa_cpp: ", name, " must be 4-D (B, C, H, W), got shape ", x.sizes());

@@ -49,12 +49,17 @@ class Params:
         self.qkv_w, self.qkv_b = params[14:17], params[17:20]
 
 
+def _forward(x, provider, cfg, params):
+    """(pooling window, provider.forward's (out, p_h, p_w, a_h, a_w, Y, o))."""
+    window = window_of(cfg.window_size, *x.shape[2:])
+    with _device_of(x):
+        return window, provider.forward(x, Params(params), cfg, window, EPS)
+
+
 class SCSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, provider, cfg: Config, *params):
-        window = window_of(cfg.window_size, *x.shape[2:])
-        with _device_of(x):
-            out, ph, pw, ah, aw, y, o = provider.forward(x, Params(params), cfg, window, EPS)
+        window, (out, ph, pw, ah, aw, y, o) = _forward(x, provider, cfg, params)
         ctx.provider, ctx.cfg, ctx.window = provider, cfg, window
         ctx.save_for_backward(x, ph, pw, ah, aw, y, o, *params)
         return out
@@ -108,5 +113,4 @@ def fused_scsa(x, params, cfg: Config, provider):
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return SCSAFunction.apply(x, provider, cfg, *params)
     # Inference: nothing to save, so skip the autograd.Function machinery (tens of microseconds).
-    with _device_of(x):
-        return provider.forward(x, Params(params), cfg, window_of(cfg.window_size, *x.shape[2:]), EPS)[0]
+    return _forward(x, provider, cfg, params)[1][0]
