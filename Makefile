@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench clean
+.PHONY: install test bench fuzz clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.op --preset resnet50
+	$(PY) -m bench.model --model resnet50 mobilenetv2
+
+# The long hypothesis profile (thousands of cases against the reference); `make test` runs a fast one.
+fuzz: $(STAMP)
+	SCSA_FUZZ=long $(PY) -m pytest -q tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/out

@@ -1,48 +1,57 @@
-"""A/B of one SCSA call: eager module vs torch.compile(eager) vs the fused op, side by side in one
-run, on the shapes a network really feeds SCSA, with a copy of X (read + write) as the memory
-roofline. The fused op is the Triton path on a GPU and the C++ path on a CPU (reported as 'n/a'
-if the extension is unavailable, never silently replaced by the eager fallback). CPU timings are
-interleaved: every implementation is timed in each of several rounds, and the median over all
-rounds is reported, so machine noise hits all columns alike.
+"""Op-level A/B of one SCSA call: the eager module, torch.compile of it, the fused op, and a copy
+of X (`x.clone()`: one read + one write, the memory roofline), side by side in one run, on the
+SCSA input shapes a network really produces (traced from scsa_ops.models, with how many of its
+SCSA modules see each shape). Fused = Triton on a GPU, the C++ path on a CPU (reported 'n/a' if
+unavailable, never silently replaced by the eager fallback).
 
-    python -m bench.op --preset resnet50 [--dtype bf16] [--mode fwd+bwd] [--batch 8] [--threads 2]
+    python -m bench.op --preset resnet50 mobilenetv2 --dtype fp32 bf16 --mode fwd fwd+bwd \\
+        --memory-format nchw channels_last [--batch 8] [--threads 2] [--no-compile]
+
+Writes a markdown table to stdout, and JSON + PNG (default bench/out/op.json, op.png).
+Modelled bytes: DESIGN.md traffic units (full reads/writes of X) x bytes of X; GB/s of the fused
+op as a fraction of the copy's measured GB/s says how close it runs to the memory limit.
 """
-import argparse
-import json
-import os
-import platform
-import statistics
-import time
-from pathlib import Path
+import itertools
 
 import torch
 
 from scsa_ops import SCSA
+from scsa_ops.models import BUILDERS, scsa_input_shapes
 
-PRESETS = {  # (C, H, W) of each SCSA input, per network at 224x224
-    "resnet50": [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)],
+from . import common
+
+PRESETS = {  # network and input size (H, W); batch: the device default unless fixed here
+    "resnet50": dict(network="resnet50", input=(224, 224)),
+    "resnet101": dict(network="resnet101", input=(224, 224)),
+    "mobilenetv2": dict(network="mobilenetv2", input=(224, 224)),
+    "detection": dict(network="resnet50", input=(800, 1333), batch=2),
+    "tiny": dict(shapes=[(16, 14, 14), (32, 7, 7)]),  # the benchmark's own test: seconds, not a network
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TRAFFIC_UNITS = {"fwd": 4, "fwd+bwd": 4 + 4.4}  # DESIGN.md: full reads/writes of X per call
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+# Fused traffic in full reads/writes of X (DESIGN.md): forward 3 reads + 1 write; backward: gate_grads
+# reads g and X, input_grad reads g and X and writes dX. The backward's per-window partial sums
+# (about 3/7 of X in fp32) and every other small tensor are left out.
+FUSED_UNITS = {"fwd": 4, "fwd+bwd": 4 + 5}
+IMPLS = ("eager", "compile", "fused", "copy")
 
 
-def _time_all(fns, device, reps, rounds=5):
-    """{name: median ms} for a dict of callables, timed side by side."""
+def preset_shapes(name, batch):
+    """[((B, C, H, W), how many SCSA modules of the network see it)] in network order."""
+    p = PRESETS[name]
+    if "shapes" in p:
+        return [((batch, *s), 1) for s in p["shapes"]]
+    with torch.device("meta"):
+        model = BUILDERS[p["network"]](backend="eager")
+    return list(scsa_input_shapes(model, (p.get("batch", batch), 3, *p["input"])).items())
+
+
+def fused_backend(device):
     if device.type == "cuda":
-        from triton.testing import do_bench
+        return "triton"
+    from scsa_ops.ops import cpp
 
-        return {k: do_bench(fn, warmup=25, rep=100, return_mode="median") for k, fn in fns.items()}
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            for _ in range(max(1, reps // rounds)):
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return "cpp" if cpp.load()[0] is not None else None
 
 
 def _call(module, x, mode):
@@ -59,89 +68,147 @@ def _call(module, x, mode):
     return run
 
 
-def _cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def _fused_backend(device):
-    if device.type == "cuda":
-        return "triton"
-    from scsa_ops.ops import cpp
-
-    return "cpp" if cpp.load()[0] is not None else None
-
-
-def bench_shape(c, h, w, batch, dtype, mode, device, reps, compile_):
-    x = torch.randn(batch, c, h, w, dtype=dtype, device=device, requires_grad=(mode != "fwd"))
+def bench_case(shape, dtype_name, mode, memory_format, device, reps, compile_):
+    """One row: median ms of every implementation, speed-ups, bytes, bandwidth, launches."""
+    c, dtype = shape[1], DTYPES[dtype_name]
+    x = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=MEMORY_FORMATS[memory_format])
+    x.requires_grad_(mode != "fwd")
     eager = SCSA(c, backend="eager").to(device, dtype).eval()
     fns = {"eager": _call(eager, x, mode)}
     if compile_:
         fns["compile"] = _call(torch.compile(eager), x, mode)
-    backend = _fused_backend(device)
+    backend = fused_backend(device)
     if backend is not None:
         fused = SCSA(c, backend=backend).to(device, dtype).eval()
         fused.load_state_dict(eager.state_dict())
         fns["fused"] = _call(fused, x, mode)
     y = x.detach()
     fns["copy"] = lambda: y.clone()
-    ms = _time_all(fns, device, reps)
-    row = dict(shape=[batch, c, h, w], fused_backend=backend,
-               **{f"{k}_ms": ms.get(k) for k in ("eager", "compile", "fused", "copy")})
-    nbytes = x.numel() * x.element_size()
-    row["copy_gbps"] = 2 * nbytes / row["copy_ms"] / 1e6
-    if row["fused_ms"] is not None:
-        row["fused_gbps"] = TRAFFIC_UNITS[mode] * nbytes / row["fused_ms"] / 1e6
+    ms = common.time_all(fns, device, reps)
+    row = dict(shape=list(shape), dtype=dtype_name, mode=mode, memory_format=memory_format,
+               fused_backend=backend, **{f"{k}_ms": ms.get(k) for k in IMPLS})
+    for base in ("eager", "compile"):
+        ok = row[f"{base}_ms"] is not None and row["fused_ms"] is not None
+        row[f"speedup_vs_{base}"] = row[f"{base}_ms"] / row["fused_ms"] if ok else None
+    x_bytes = x.numel() * x.element_size()
+    row["x_bytes"] = x_bytes
+    row["fused_modelled_bytes"] = FUSED_UNITS[mode] * x_bytes
+    row["copy_gbps"] = 2 * x_bytes / row["copy_ms"] / 1e6
+    row["fused_gbps"] = row["fused_modelled_bytes"] / row["fused_ms"] / 1e6 if row["fused_ms"] else None
+    row["fused_fraction_of_copy_bw"] = row["fused_gbps"] / row["copy_gbps"] if row["fused_gbps"] else None
+    row["launches"] = {k: common.cuda_launches(fn) for k, fn in fns.items()} if device.type == "cuda" else None
     return row
 
 
+def summarise(rows):
+    """Per (preset, dtype, mode, memory format): geomean speed-ups, and the SCSA time of one
+    forward of the whole network (sum of count x ms) per implementation."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["preset"], r["dtype"], r["mode"], r["memory_format"]), []).append(r)
+    out = []
+    for (preset, dtype, mode, fmt), rs in groups.items():
+        s = dict(preset=preset, dtype=dtype, mode=mode, memory_format=fmt, shapes=len(rs))
+        for base in ("eager", "compile"):
+            ratios = [r[f"speedup_vs_{base}"] for r in rs]
+            s[f"geomean_speedup_vs_{base}"] = common.geomean(ratios) if all(ratios) else None
+        for k in IMPLS:
+            vals = [r[f"{k}_ms"] for r in rs]
+            s[f"network_{k}_ms"] = sum(r["count"] * v for r, v in zip(rs, vals)) if all(vals) else None
+        out.append(s)
+    return out
+
+
+def print_table(rows, summary, machine):
+    print(f"\nSCSA op benchmark on {common.machine_line(machine)}")
+    header = ["preset", "shape", "x", "dtype", "mode", "format", "eager ms", "compile ms", "fused ms", "copy ms",
+              "vs eager", "vs compile", "fused GB/s", "of copy BW"]
+    if any(r["launches"] for r in rows):
+        header.append("launches e/c/f")
+    body = []
+    for r in rows:
+        line = [r["preset"], tuple(r["shape"]), r["count"], r["dtype"], r["mode"], r["memory_format"],
+                *[common.fmt(r[f"{k}_ms"]) for k in IMPLS],
+                common.fmt(r["speedup_vs_eager"], ".2f", "x"), common.fmt(r["speedup_vs_compile"], ".2f", "x"),
+                common.fmt(r["fused_gbps"], ".1f"), common.fmt(r["fused_fraction_of_copy_bw"], ".0%")]
+        if len(header) > len(line):
+            line.append("/".join(str(r["launches"].get(k, "-")) for k in ("eager", "compile", "fused")))
+        body.append(line)
+    print(common.markdown_table(header, body))
+    print()
+    header = ["preset", "dtype", "mode", "format", "geomean vs eager", "geomean vs compile",
+              "network SCSA ms: eager", "compile", "fused"]
+    print(common.markdown_table(header, [
+        [s["preset"], s["dtype"], s["mode"], s["memory_format"], common.fmt(s["geomean_speedup_vs_eager"], ".2f", "x"),
+         common.fmt(s["geomean_speedup_vs_compile"], ".2f", "x"), *[common.fmt(s[f"network_{k}_ms"], ".2f")
+                                                                   for k in ("eager", "compile", "fused")]]
+        for s in summary]))
+
+
+def plot(rows, summary, machine, path):
+    plt = common.figure()
+    groups = [(s["preset"], s["dtype"], s["mode"], s["memory_format"]) for s in summary]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.6 * len(groups)), squeeze=False)
+    colors = dict(eager="#888888", compile="#4c72b0", fused="#dd8452", copy="#55a868")
+    for (ax_ms, ax_sp), key in zip(axes, groups):
+        rs = [r for r in rows if (r["preset"], r["dtype"], r["mode"], r["memory_format"]) == key]
+        labels = ["x".join(map(str, r["shape"][1:])) + f"\n(x{r['count']})" for r in rs]
+        n, width = len(rs), 0.2
+        for i, k in enumerate(IMPLS):
+            vals = [r[f"{k}_ms"] or 0 for r in rs]
+            ax_ms.bar([j + (i - 1.5) * width for j in range(n)], vals, width, label=k, color=colors[k])
+        ax_ms.set_yscale("log")
+        ax_ms.set_ylabel("ms per call (log)")
+        ax_ms.set_title(f"{' / '.join(key)}: latency, batch {rs[0]['shape'][0]}", fontsize=9)
+        ax_ms.set_xticks(range(n), labels, fontsize=7)
+        ax_ms.legend(fontsize=7)
+        for i, base in enumerate(("eager", "compile")):
+            vals = [r[f"speedup_vs_{base}"] or 0 for r in rs]
+            bars = ax_sp.bar([j + (i - 0.5) * 0.35 for j in range(n)], vals, 0.35, label=f"fused vs {base}",
+                             color=colors[base])
+            ax_sp.bar_label(bars, fmt="%.1fx", fontsize=6)
+        ax_sp.axhline(1.0, color="black", linewidth=0.8)
+        ax_sp.set_ylabel("speed-up of fused")
+        ax_sp.set_title(f"{' / '.join(key)}: speed-up", fontsize=9)
+        ax_sp.set_xticks(range(n), labels, fontsize=7)
+        ax_sp.legend(fontsize=7)
+    common.save_figure(plt, fig, f"SCSA op: {common.machine_line(machine)}", path)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="resnet50", choices=sorted(PRESETS))
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
-    ap.add_argument("--mode", default="fwd", choices=sorted(TRAFFIC_UNITS))
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap = common.parser(__doc__, "bench/out/op.json")
+    ap.add_argument("--preset", nargs="+", default=["resnet50"], choices=sorted(PRESETS))
+    ap.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES),
+                    help="default: fp16 on a GPU, fp32 on a CPU")
+    ap.add_argument("--mode", nargs="+", default=["fwd"], choices=sorted(FUSED_UNITS))
+    ap.add_argument("--memory-format", nargs="+", default=["nchw"], choices=sorted(MEMORY_FORMATS))
+    ap.add_argument("--batch", type=int, default=None, help="default: 32 on a GPU, 8 on a CPU (detection: 2)")
+    ap.add_argument("--reps", type=int, default=50, help="timed calls per implementation and case")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    ap.add_argument("--out", default="bench/out/op.json")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    device = common.setup(args)
+    dtypes = args.dtype or (["fp16"] if device.type == "cuda" else ["fp32"])
+    if device.type == "cpu" and "fp16" in dtypes:
+        ap.error("fp16 is a GPU dtype in this benchmark; on a CPU use fp32 or bf16")
     batch = args.batch or (32 if device.type == "cuda" else 8)
+    cases = [(p, s, n, d, m, f) for p in args.preset for s, n in preset_shapes(p, batch)
+             for d, m, f in itertools.product(dtypes, args.mode, args.memory_format)]
+    machine = common.machine(device)
     rows = []
-    for c, h, w in PRESETS[args.preset]:
-        rows.append(bench_shape(c, h, w, batch, dtype, args.mode, device, args.reps, not args.no_compile))
-        r = rows[-1]
-        fmt = lambda v: "     n/a" if v is None else f"{v:8.3f}"  # noqa: E731
-        sp = lambda v: "n/a" if v is None or r.get("fused_ms") is None else f"{v / r['fused_ms']:5.2f}x"  # noqa: E731
-        print(f"{str(tuple(r['shape'])):22s} eager {fmt(r['eager_ms'])} ms  compile {fmt(r.get('compile_ms'))} ms  "
-              f"fused {fmt(r['fused_ms'])} ms  copy {fmt(r['copy_ms'])} ms  vs eager {sp(r['eager_ms'])}  "
-              f"vs compile {sp(r.get('compile_ms'))}",
-              flush=True)
-    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name(),
-                torch=torch.__version__, threads=torch.get_num_threads(), dtype=str(dtype), mode=args.mode,
-                preset=args.preset, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
-    for base in ("eager", "compile"):
-        ratios = [r[f"{base}_ms"] / r["fused_ms"] for r in rows if r.get(f"{base}_ms") and r["fused_ms"]]
-        if len(ratios) == len(rows):
-            meta[f"geomean_speedup_vs_{base}"] = statistics.geometric_mean(ratios)
-            print(f"geomean speedup of fused vs {base}: {meta[f'geomean_speedup_vs_{base}']:.2f}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {os.path.abspath(args.out)}")
+    for preset, shape, count, dt, mode, fmt in common.progress(cases, "bench.op"):
+        row = dict(preset=preset, count=count, **bench_case(shape, dt, mode, fmt, device, args.reps,
+                                                            not args.no_compile))
+        rows.append(row)
+        common.log(f"{preset} {tuple(shape)} {dt} {mode} {fmt}: fused {common.fmt(row['fused_ms'])} ms, "
+                   f"eager {common.fmt(row['eager_ms'])} ms, compile {common.fmt(row['compile_ms'])} ms")
+    summary = summarise(rows)
+    print_table(rows, summary, machine)
+    payload = dict(benchmark="op", machine=machine,
+                   settings=dict(batch=batch, reps=args.reps, compile=not args.no_compile,
+                                 fused_units=FUSED_UNITS, timing=common.time_all.__doc__.split("\n\n")[1].strip()),
+                   rows=rows, summary=summary)
+    common.write_outputs(payload, args.out, lambda png: plot(rows, summary, machine, png))
+    return payload
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Which implementation runs a call: the backend chosen at construction, overridden by the
 environment (SCSA_OPS_BACKEND=eager turns every fused path off), checked against the input's
-device. Returns a provider for scsa_ops.function, or None for the eager math."""
+device. Returns a provider for scsa_ops.function, or None for the eager math.
+
+The decision depends only on constants (backend name, device, configuration): torch.compile runs
+it once while tracing (torch.compiler.assume_constant_result) and keeps the provider's name, so
+loading a provider (imports, a JIT build, a GPU capability query) is never traced."""
 import os
 import warnings
 
@@ -12,6 +16,7 @@ MIN_CUDA_CAPABILITY = (8, 0)  # bf16 loads and fp64 dots in the kernels
 
 _warned = set()
 _triton = None
+LOADED = {}  # namespace of the provider's ops -> provider, for every provider resolve() has handed out
 
 
 def _warn_once(msg):
@@ -31,7 +36,7 @@ def triton_provider():
     global _triton
     if _triton is None:
         try:
-            from .ops import triton as provider
+            from .ops.triton import provider
             _triton = (provider, None)
         except ImportError as e:  # no wheel for this platform, or a broken install
             _triton = (None, f"Triton is not importable ({e})")
@@ -42,44 +47,53 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_for(x):
+def _triton_for(device):
     provider, why = triton_provider()
     if provider is None:
         return None, why
-    if x.is_cuda:
-        cap = torch.cuda.get_device_capability(x.device)
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
         if cap < MIN_CUDA_CAPABILITY:
             return None, (f"the Triton kernels need a GPU of compute capability >= {MIN_CUDA_CAPABILITY}, "
-                          f"{torch.cuda.get_device_name(x.device)} has {cap}")
+                          f"{torch.cuda.get_device_name(device)} has {cap}")
         return provider, None
-    if x.device.type == "cpu" and interpreting():
+    if device.type == "cpu" and interpreting():
         return provider, None
     return None, (f"backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before triton is "
-                  f"imported to run its kernels on the CPU; got a tensor on {x.device}")
+                  f"imported to run its kernels on the CPU; got a tensor on {device}")
 
 
-def _cpp_for(x):
-    if x.device.type != "cpu":
-        return None, f"backend='cpp' needs a CPU tensor, got a tensor on {x.device}"
+def _cpp_for(device):
+    if device.type != "cpu":
+        return None, f"backend='cpp' needs a CPU tensor, got a tensor on {device}"
     from .ops import cpp
 
     return cpp.load()
 
 
-def resolve(backend, x, fusable, fits):
-    """Provider for this call, or None for eager. `fusable`: the configuration has a fused path;
-    `fits(provider)`: the input's shape is within that provider's limits."""
+def resolve(backend, device, fusable):
+    """Provider for a call on `device`, or None for eager. `fusable`: the configuration has a
+    fused path. (The input's shape limits are the caller's: provider.fits.)"""
+    ns = _resolve_name(backend, device, fusable)
+    return None if ns is None else LOADED[ns]
+
+
+@torch.compiler.assume_constant_result
+def _resolve_name(backend, device, fusable):
     env = os.environ.get(ENV_VAR)
     if env:
         backend = check_backend(env)
     if backend == "eager" or not fusable:
         return None
     if backend == "auto":
-        provider, why = _triton_for(x) if x.is_cuda else _cpp_for(x)
+        provider, why = _triton_for(device) if device.type == "cuda" else _cpp_for(device)
         if provider is None:
             _warn_once(f"SCSA: backend='auto' falls back to the eager module: {why}")
     else:
-        provider, why = (_triton_for if backend == "triton" else _cpp_for)(x)
+        provider, why = (_triton_for if backend == "triton" else _cpp_for)(device)
         if provider is None:
             raise RuntimeError(f"SCSA: backend={backend!r} is unavailable: {why}")
-    return provider if provider is not None and fits(provider) else None
+    if provider is None:
+        return None
+    LOADED[provider.ns] = provider
+    return provider.ns

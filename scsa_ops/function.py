@@ -91,15 +91,17 @@ class SCSAFunction(torch.autograd.Function):
             return (spatial_gate(ph_, p.conv_w, p.conv_b, *p.norm_h, cfg.gate),
                     spatial_gate(pw_, p.conv_w, p.conv_b, *p.norm_w, cfg.gate))
 
-        a_c, vjp_ca = torch.func.vjp(channel_part, y, *present)
-        dy, *d_ca = vjp_ca((ah * r).sum(-1))
-        dy = dy / (kh * kw)
-        dah = a_c[..., None] * r
-        dah[:, :, :ho * kh] += (u.unflatten(2, (ho, kh)) * dy.unsqueeze(3)).sum(-1).flatten(2)
-        daw = a_c[..., None] * s.sum(2)
-        daw[:, :, :wo * kw] += (v.unflatten(3, (wo, kw)) * dy.unsqueeze(4)).sum(2).flatten(2)
-        _, vjp_sa = torch.func.vjp(spatial_part, ph / W, pw.sum(0) / H, *present)
-        dph, dpw, *d_sa = vjp_sa((dah, daw))
+        # A backward called inside torch.autocast must not recompute the small graphs in low precision.
+        with torch.autocast(x.device.type, enabled=False):
+            a_c, vjp_ca = torch.func.vjp(channel_part, y, *present)
+            dy, *d_ca = vjp_ca((ah * r).sum(-1))
+            dy = dy / (kh * kw)
+            dah = a_c[..., None] * r
+            dah[:, :, :ho * kh] += (u.unflatten(2, (ho, kh)) * dy.unsqueeze(3)).sum(-1).flatten(2)
+            daw = a_c[..., None] * s.sum(2)
+            daw[:, :, :wo * kw] += (v.unflatten(3, (wo, kw)) * dy.unsqueeze(4)).sum(2).flatten(2)
+            _, vjp_sa = torch.func.vjp(spatial_part, ph / W, pw.sum(0) / H, *present)
+            dph, dpw, *d_sa = vjp_sa((dah, daw))
         dx = None
         if ctx.needs_input_grad[0]:
             with _device_of(x):

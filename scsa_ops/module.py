@@ -31,17 +31,16 @@ class SCSA(ReferenceSCSA):
     def extra_repr(self):
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
-    def fusable(self, x):
-        return (x.shape[0] > 0
-                and (self.down_sample_mode == "avg_pool" or self.window_size == -1)
+    def fusable(self):
+        """Whether this configuration, in the current train/eval mode, has a fused path."""
+        return ((self.down_sample_mode == "avg_pool" or self.window_size == -1)
                 and not (self.training and self.attn_drop_ratio > 0))
 
     def forward(self, x):
         check_input(self, x)
+        provider = backends.resolve(self.backend, x.device, self.fusable())
         window_w = window_of(self.window_size, *x.shape[2:])[1]
-        provider = backends.resolve(self.backend, x, self.fusable(x),
-                                    lambda p: p.fits(x.shape[3], window_w))
-        if provider is None:
+        if provider is None or x.shape[0] == 0 or not provider.fits(x.shape[3], window_w):
             return self.eager_forward(x)
         params = self.state_dict_params()
         return fused_scsa(x, params, self.config, provider)

@@ -19,12 +19,18 @@ CONV_NAMES = ("local_dwc", "global_dwc_s", "global_dwc_m", "global_dwc_l")
 EPS = 1e-5
 
 
+def _group_norm(x, groups, weight, bias):
+    # torch.group_norm, not F.group_norm: the latter's "more than one value per channel" check (never
+    # false here: C >= 4) makes torch.export guard on the pooled map's size and reject H' = 1.
+    return torch.group_norm(x, groups, weight, bias, EPS, torch.backends.cudnn.enabled)
+
+
 def spatial_gate(p, conv_weights, conv_biases, norm_weight, norm_bias, gate):
     """(B, C, L) row or column means -> (B, C, L) gate: 4 depthwise convs, GroupNorm(4), gate."""
     groups = p.chunk(4, dim=1)
     z = torch.cat([F.conv1d(pg, w, b, padding=w.shape[-1] // 2, groups=pg.shape[1])
                    for pg, w, b in zip(groups, conv_weights, conv_biases)], dim=1)
-    z = F.group_norm(z, 4, norm_weight, norm_bias, EPS)
+    z = _group_norm(z, 4, norm_weight, norm_bias)
     return z.softmax(dim=2) if gate == "softmax" else z.sigmoid()
 
 
@@ -34,7 +40,7 @@ def channel_attention_logits(y, norm_weight, norm_bias, qkv_weights, qkv_biases,
 
     Uses mean_n(P V) = P @ mean_n(V), exact in real arithmetic (also with dropout on P)."""
     b, c = y.shape[:2]
-    y = F.group_norm(y, 1, norm_weight, norm_bias, EPS).flatten(2)
+    y = _group_norm(y, 1, norm_weight, norm_bias).flatten(2)
     q, k, v = (y * w.view(1, c, 1) + (0 if bias is None else bias.view(1, c, 1))
                for w, bias in zip(qkv_weights, qkv_biases))
     d, n = c // head_num, y.shape[2]

@@ -56,3 +56,30 @@ def grad_err(actual, expected):
     scale = max(g.norm().item() for g in expected.values())
     return {n: (actual[n].double() - expected[n].double()).norm().item()
             / max(expected[n].norm().item(), 1e-3 * scale) for n in expected}
+
+
+def assert_matches_reference(cfg, shape, dtype, backend, device, channels_last=False, seed=0):
+    """The fused module against the fp64 reference, forward, dx and every parameter gradient, on
+    random data and parameters. fp64: agreement to ~1e-11. Lower precisions: DESIGN.md's tolerance,
+    and (flash-attention's rule) within 2x the error of the same-precision eager module."""
+    ref, fused = (m.eval() for m in pair(cfg, seed=seed, backend=backend, device=device))  # dropout off
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(shape, dtype=torch.float64, generator=g).to(device)
+    go = torch.randn(shape, dtype=torch.float64, generator=g).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out_r, dx_r, dp_r = run(ref, x, go)
+    out_f, dx_f, dp_f = run(fused.to(dtype), x.to(dtype).contiguous(memory_format=fmt), go)
+    assert out_f.dtype == dtype and dx_f.dtype == dtype
+    if dtype == torch.float64:
+        assert rel_err(out_f, out_r) < TOL[dtype] and rel_err(dx_f, dx_r) < TOL[dtype]
+        errs = grad_err(dp_f, dp_r)
+        assert max(errs.values()) < 1e-11, errs
+        return
+    eager = pair(cfg, seed=seed, backend="eager", device=device)[1].to(dtype).eval()
+    out_e, dx_e, dp_e = run(eager, x.to(dtype), go)
+    for f, e, r in ((out_f, out_e, out_r), (dx_f, dx_e, dx_r)):
+        assert rel_err(f, r) < TOL[dtype]
+        assert rel_err(f, r) <= 2 * rel_err(e, r) + 1e-6
+    e_f, e_e = grad_err(dp_f, dp_r), grad_err(dp_e, dp_r)
+    for n in e_f:
+        assert e_f[n] <= 2 * e_e[n] + 4 * TOL[dtype] * (dtype != torch.float32) + 1e-5, (n, e_f[n], e_e[n])

@@ -1,5 +1,5 @@
 """The C++ CPU path beyond what test_fused.py holds every provider to: it is built and loaded here,
-its ops pass torch.library.opcheck, a model using it compiles with fullgraph=True, both schedules
+its ops pass torch.library.opcheck (torch.compile: tests/test_compile.py), both schedules
 (sample-major and pass-major) agree, inputs are checked by the ops themselves, and a missing
 binary is rebuilt with torch.utils.cpp_extension.load."""
 import os
@@ -106,27 +106,6 @@ def test_fake_layout_rule():
     assert output_format(x.to(memory_format=torch.channels_last)) == torch.channels_last
     assert output_format(x.transpose(2, 3)) == torch.contiguous_format  # other strides: copied to NCHW
     assert output_format(torch.empty(2, 1, 5, 5).to(memory_format=torch.channels_last)) == torch.contiguous_format
-
-
-def test_compile_fullgraph_forward_and_backward(provider):
-    """torch.compile of a CPU model with the fused SCSA: no graph break (fullgraph=True), forward and
-    backward traced by AOT autograd through the registered ops and their fakes, same numbers as eager."""
-    torch._dynamo.reset()
-    cfg = dict(dim=16, head_num=2)
-    ref, fused = pair(cfg, backend="cpp", device="cpu")
-    fused, ref = fused.float(), ref.float()
-    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), fused)
-    twin = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), ref)
-    twin.load_state_dict(model.state_dict())
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 16, 14, 14)
-    out = compiled(x)
-    out.square().sum().backward()
-    twin(x).square().sum().backward()
-    assert rel_err(out, twin(x)) < TOL[torch.float32]
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    errs = grad_err(grads, {n: p.grad for n, p in twin.named_parameters()})
-    assert max(errs.values()) < 1e-4, errs
 
 
 def test_ops_check_their_inputs(provider):

@@ -4,10 +4,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import DEVICE, pair
+from helpers import DEVICE, FUSED, HAS_CUDA, pair
 from kernels import LaunchRecorder
 from scsa_ops.ops.triton import utils
+from scsa_ops.ops.triton.apply_gates import input_grad
+from scsa_ops.ops.triton.forward import forward
+from scsa_ops.ops.triton.gate_grads import gate_grads
 
+# The launchers behind the ops scsa_triton::*: the mode runs them itself to see every op inside.
+LAUNCHERS = {"forward": forward, "gate_grads": gate_grads, "input_grad": input_grad}
 ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
                torch.ops.aten.empty_strided.default}
 
@@ -20,6 +25,9 @@ class FullSizeOps(TorchDispatchMode):
         self.numel, self.recorder, self.ops = numel, recorder, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "scsa_triton":
+            with self:
+                return LAUNCHERS[func._opname](*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (tuple, list)) else [out]
         big = any(isinstance(t, torch.Tensor) and t.numel() >= self.numel for t in outs)
@@ -49,15 +57,40 @@ def test_launch_budget(monkeypatch, cfg):
     assert mode.ops == [], mode.ops
 
 
-def test_no_host_sync_in_forward(monkeypatch):
-    """Nothing in the fused forward reads a device value on the host (CUDA-graph safe)."""
+@pytest.mark.parametrize("backend,device", FUSED, ids=[b for b, _ in FUSED])
+def test_no_host_sync_in_forward(monkeypatch, backend, device):
+    """Nothing on the fused forward's Python path reads a device value on the host or branches on
+    one (so it can be captured in a CUDA graph); the C++ op is one call with no such reads."""
     def forbid(*a, **k):
         raise AssertionError("host read of a device value in the fused forward")
 
-    _, fused = pair(dict(dim=16))
-    x = torch.randn(1, 16, 14, 14, dtype=torch.float64, device=DEVICE)
+    _, fused = pair(dict(dim=16), backend=backend, device=device)
+    x = torch.randn(1, 16, 14, 14, dtype=torch.float64, device=device)
+    fused(x)  # the provider is loaded (imports, a JIT build) before the check
     for name in ("item", "tolist", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, forbid)
     monkeypatch.setattr(torch.Tensor, "__bool__", forbid)
-    LaunchRecorder(monkeypatch, execute=False)  # kernels themselves are the interpreter's business
+    if backend == "triton":
+        LaunchRecorder(monkeypatch, execute=False)  # the interpreter itself reads values on the host
     fused(x)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_capture_and_replay():
+    _, fused = pair(dict(dim=64, head_num=4), backend="triton", device="cuda")
+    fused = fused.half().eval()
+    static = torch.randn(8, 64, 28, 28, device="cuda", dtype=torch.half)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            fused(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = fused(static)
+    fresh = torch.randn_like(static)
+    static.copy_(fresh)
+    graph.replay()
+    with torch.no_grad():
+        assert torch.equal(out, fused(fresh))

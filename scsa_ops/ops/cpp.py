@@ -1,4 +1,4 @@
-"""The C++ provider: the seven launchers of scsa_ops.function over torch.ops.scsa_cpp (csrc/).
+"""The C++ provider: torch.ops.scsa_cpp (csrc/ops.cpp), called through library.Provider.
 
 Loading, once per process: the extension setup.py built (scsa_ops._C); if it is missing or does
 not import (installed without a build, built for another torch), it is compiled with
@@ -6,11 +6,11 @@ torch.utils.cpp_extension.load (ninja) into a per-torch cache and a log line say
 fails too, `load()` returns the reason and the backends fall back to eager (auto) or raise (cpp)."""
 import importlib
 import logging
-import sys
 
 import torch
 
 from .. import _build
+from . import library
 
 log = logging.getLogger("scsa_ops")
 
@@ -41,8 +41,12 @@ def _import():
         return None, f"{built_why}, and building it with torch.utils.cpp_extension.load failed: {e}"
 
 
+def _any_width(w, window_w):
+    return True  # rows are streamed in vectors: no width limit
+
+
 def load():
-    """(this module as the provider, None) or (None, why the C++ path is unavailable)."""
+    """(the provider, None) or (None, why the C++ path is unavailable)."""
     global _state
     if _state is None:
         ext, why = _import()
@@ -53,30 +57,6 @@ def load():
                 ext, why = None, (f"scsa_ops._C was built for {ext.capability} instructions and this CPU "
                                   f"runs torch at {here}; reinstall to rebuild it here")
         if ext is not None:
-            from . import library
-
             library.register_fakes("scsa_cpp")
-        _state = (None, why) if ext is None else (sys.modules[__name__], None)
+        _state = (None, why) if ext is None else (library.Provider("scsa_cpp", _any_width), None)
     return _state
-
-
-# The launchers: same signatures as the Triton provider (scsa_ops/ops/triton/__init__.py).
-
-def forward(x, p, cfg, window, eps):
-    """(out, p_h, p_w, a_h, a_w, Y, o) in one call; p: function.Params."""
-    out, ph, pw, ah, aw, y, o = torch.ops.scsa_cpp.forward(
-        x, p.conv_w, p.conv_b, *p.norm_h, *p.norm_w, *p.norm, *p.qkv_w, *p.qkv_b, cfg.head_num, *window,
-        cfg.gate == "softmax", eps)
-    return out, ph, pw, ah, aw, y, o
-
-
-def gate_grads(g, x, ah, aw, window):
-    return torch.ops.scsa_cpp.gate_grads(g, x, ah, aw, *window)
-
-
-def input_grad(g, x, ah, aw, o, dy, dph, dpw, window, softmax):
-    return torch.ops.scsa_cpp.input_grad(g, x, ah, aw, o, dy, dph, dpw, *window, softmax)
-
-
-def fits(w, window_w):
-    return True  # rows are streamed in vectors: no width limit

@@ -1,6 +1,18 @@
-"""Fake implementations (shapes, dtypes, strides; no data) of the provider ops, so torch.compile and
-torch.export trace through them. They mirror the kernels' output rules: csrc/scsa.h `dense` for the
-layout of full-size outputs, the accumulator dtype for the small ones."""
+"""Every op of the package with torch.library, in one place: the C++ ops' fake implementations
+(the ops themselves are defined in csrc/ops.cpp), the Triton ops (torch.library.triton_op), and
+`Provider`, the calls SCSAFunction makes into one namespace of them. Both namespaces, scsa_cpp and
+scsa_triton, share one schema:
+
+  forward(Tensor x, Tensor[] conv_w, Tensor[] conv_b, Tensor norm_h_w, Tensor norm_h_b, Tensor norm_w_w,
+          Tensor norm_w_b, Tensor norm_w, Tensor norm_b, Tensor q_w, Tensor k_w, Tensor v_w, Tensor? q_b,
+          Tensor? k_b, Tensor? v_b, int head_num, int kh, int kw, bool softmax, float eps) -> Tensor[]
+          # [out, p_h, p_w, a_h, a_w, Y, o]
+  gate_grads(Tensor g, Tensor x, Tensor a_h, Tensor a_w, int kh, int kw) -> (Tensor, Tensor, Tensor, Tensor)
+  input_grad(Tensor g, Tensor x, Tensor a_h, Tensor a_w, Tensor o, Tensor dy, Tensor dph, Tensor dpw,
+             int kh, int kw, bool softmax) -> Tensor
+
+The fakes mirror the kernels' output rules: csrc/scsa.h `dense` for the layout of full-size outputs,
+the accumulator dtype for the small ones."""
 import torch
 
 
@@ -38,3 +50,41 @@ def register_fakes(ns):
     @torch.library.register_fake(f"{ns}::input_grad")
     def _input_grad(g, x, ah, aw, o, dy, dph, dpw, kh, kw, softmax):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_format(x))
+
+
+def register_triton_ops(interpreted, *launchers):
+    """scsa_triton::<launcher name> for each launcher (schemas from their annotations). A
+    torch.library.triton_op: torch.compile traces into it and sees each kernel (wrap_triton), and the
+    launcher run on fake tensors is its fake implementation. Interpreted kernels (TRITON_INTERPRET=1)
+    are plain Python that wrap_triton cannot capture, so there the ops are opaque custom ops with
+    the same fake."""
+    for fn in launchers:
+        name = f"scsa_triton::{fn.__name__}"
+        if interpreted:
+            torch.library.custom_op(name, fn, mutates_args=()).register_fake(fn)
+        else:
+            torch.library.triton_op(name, fn, mutates_args=())
+
+
+class Provider:
+    """What SCSAFunction (scsa_ops/function.py) calls: the ops of one namespace, and `fits(w,
+    window_w)`, whether that provider takes rows of width w."""
+
+    def __init__(self, ns, fits):
+        self.ns, self.ops, self.fits = ns, getattr(torch.ops, ns), fits
+
+    def __repr__(self):
+        return f"Provider({self.ns!r})"
+
+    def forward(self, x, p, cfg, window, eps):
+        """(out, p_h, p_w, a_h, a_w, Y, o); p: function.Params."""
+        out, ph, pw, ah, aw, y, o = self.ops.forward(
+            x, p.conv_w, p.conv_b, *p.norm_h, *p.norm_w, *p.norm, *p.qkv_w, *p.qkv_b, cfg.head_num, *window,
+            cfg.gate == "softmax", eps)
+        return out, ph, pw, ah, aw, y, o
+
+    def gate_grads(self, g, x, ah, aw, window):
+        return self.ops.gate_grads(g, x, ah, aw, *window)
+
+    def input_grad(self, g, x, ah, aw, o, dy, dph, dpw, window, softmax):
+        return self.ops.input_grad(g, x, ah, aw, o, dy, dph, dpw, *window, softmax)

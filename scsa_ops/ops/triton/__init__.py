@@ -1,8 +1,13 @@
-"""The Triton provider: `forward` (five launches), the backward's `gate_grads` and `input_grad`,
-and `fits` (the widest row one program holds). Each pass's kernel lives in the file named after it."""
+"""The Triton provider: the ops scsa_triton::{forward (five launches), gate_grads, input_grad}
+(registered in ..library), and `fits` (the widest row one program holds). Each pass's kernel lives
+in the file named after it."""
+from ..library import Provider, register_triton_ops
 from .apply_gates import input_grad
 from .forward import forward
 from .gate_grads import gate_grads
-from .utils import fits
+from .utils import INTERPRET, fits
 
-__all__ = ["forward", "gate_grads", "input_grad", "fits"]
+register_triton_ops(INTERPRET, forward, gate_grads, input_grad)
+provider = Provider("scsa_triton", fits)
+
+__all__ = ["provider"]

@@ -4,8 +4,9 @@ by INPUT_GRAD. The channel gate a_c is computed here from the logits o, since a 
 needs every channel of the sample (each program re-reads the B x C logits of its sample)."""
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from .utils import alloc_like, channel_block, lt_block, num_warps, pow2, sample_channels, tl_dtype
+from .utils import alloc_like, channel_block, launch, lt_block, num_warps, pow2, sample_channels, tl_dtype
 
 ROWS = 4
 
@@ -74,12 +75,12 @@ def _apply_gates_kernel(
         tl.store(dst + h64 * soh, res.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _launch(src, out, ah, aw, o, dy, dph, dpw, window, softmax, input_grad):
+def _apply(src, out, ah, aw, o, dy, dph, dpw, window, softmax, input_grad):
     B, C, H, W = out.shape
     kh, kw = window
     bw = pow2(W)
     bc = channel_block(bw, C, ah.dtype)
-    _apply_gates_kernel[(B * triton.cdiv(C, bc), triton.cdiv(H, ROWS))](
+    launch(_apply_gates_kernel, (B * triton.cdiv(C, bc), triton.cdiv(H, ROWS)),
         src, out, ah, aw, o, dy, dph, dpw, C, H, W, H // kh, W // kw, kh, kw,
         *src.stride(), *out.stride(),
         INPUT_GRAD=input_grad, SOFTMAX=softmax, ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw,
@@ -89,9 +90,11 @@ def _launch(src, out, ah, aw, o, dy, dph, dpw, window, softmax, input_grad):
 
 def apply_gates(x, ah, aw, o, softmax):
     """out = X * a_h * a_w * gate(o), in x's dtype and memory format."""
-    return _launch(x, alloc_like(x), ah, aw, o, o, o, o, (1, 1), softmax, input_grad=False)
+    return _apply(x, alloc_like(x), ah, aw, o, o, o, o, (1, 1), softmax, input_grad=False)
 
 
-def input_grad(g, x, ah, aw, o, dy, dph, dpw, window, softmax):
-    """dX = (g * a_c + up(dy)) * a_h * a_w + dph + dpw, in x's dtype and memory format."""
-    return _launch(g, alloc_like(x), ah, aw, o, dy, dph, dpw, window, softmax, input_grad=True)
+def input_grad(g: Tensor, x: Tensor, ah: Tensor, aw: Tensor, o: Tensor, dy: Tensor, dph: Tensor, dpw: Tensor,
+               kh: int, kw: int, softmax: bool) -> Tensor:
+    """The op scsa_triton::input_grad: dX = (g * a_c + up(dy)) * a_h * a_w + dph + dpw, in x's dtype
+    and memory format."""
+    return _apply(g, alloc_like(x), ah, aw, o, dy, dph, dpw, (kh, kw), softmax, input_grad=True)

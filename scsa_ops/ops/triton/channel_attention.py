@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import alloc, pow2, tl_dtype
+from .utils import alloc, launch, pow2, tl_dtype
 
 
 @triton.jit
@@ -101,11 +101,11 @@ def channel_attention(y, norm, qkv_weights, qkv_biases, head_num, eps):
     # tl.dot needs >= 16 per side; 32 keeps three fp32 32x32 tiles (q, k, scores) in registers.
     side = 32 if y.dtype == torch.float32 else 16
     bi = min(side, max(16, pow2(D)))
-    bn = min(side, max(16, pow2(N)))
+    bn = 16 if N <= 16 else side  # = min(side, max(16, pow2(N))), one comparison for compile guards
     o = alloc((B, C), y.dtype, y.device)
     has_bias = qkv_biases[0] is not None
     biases = qkv_biases if has_bias else qkv_weights  # placeholders, never read
-    _channel_attention_fwd_kernel[(B, head_num, triton.cdiv(D, bi))](
+    launch(_channel_attention_fwd_kernel, (B, head_num, triton.cdiv(D, bi)),
         y, o, *norm, *qkv_weights, *biases, C, N, D, eps,
         HAS_BIAS=has_bias, BLOCK_I=bi, BLOCK_J=bi, BLOCK_N=bn, BLOCK_S=1024,
         ACC=tl_dtype(y.dtype), num_warps=4)

@@ -10,8 +10,10 @@ columns that no window covers form one extra, partial window so that r and s see
 Outputs are about 3/7 of X in fp32; each element is written by exactly one program."""
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from .utils import alloc, channel_block, lt_block, num_warps, sample_channels, tl_dtype, window_columns, window_tile
+from .utils import (alloc, channel_block, launch, lt_block, num_warps, sample_channels,
+                    tl_dtype, window_columns, window_tile)
 
 
 @triton.jit
@@ -61,10 +63,10 @@ def _gate_grads_bwd_kernel(
              mask=m & full_row[:, None, None] & (j < WO)[None, :, None])
 
 
-def gate_grads(g, x, ah, aw, window):
-    """R (B,C,H), S (B,C,HC,W), U (B,C,HO*KH,WO), V (B,C,HO,WO*KW) as documented above."""
+def gate_grads(g: Tensor, x: Tensor, ah: Tensor, aw: Tensor, kh: int, kw: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op scsa_triton::gate_grads: R (B,C,H), S (B,C,HC,W), U (B,C,HO*KH,WO), V (B,C,HO,WO*KW)
+    as documented above."""
     B, C, H, W = x.shape
-    kh, kw = window
     ho, wo, hc = H // kh, W // kw, triton.cdiv(H, kh)
     bj, bk = window_tile(W, kw)
     acc = ah.dtype
@@ -73,7 +75,7 @@ def gate_grads(g, x, ah, aw, window):
     s = alloc((B, C, hc, W), acc, x.device)
     u = alloc((B, C, ho * kh, wo), acc, x.device)
     v = alloc((B, C, ho, wo * kw), acc, x.device)
-    _gate_grads_bwd_kernel[(B * triton.cdiv(C, bc), hc)](
+    launch(_gate_grads_bwd_kernel, (B * triton.cdiv(C, bc), hc),
         g, x, ah, aw, r, s, u, v, C, H, W, hc, ho, wo, kh, kw, *g.stride(), *x.stride(),
         BLOCK_C=bc, BLOCK_J=bj, BLOCK_K=bk, ACC=tl_dtype(acc), num_warps=num_warps(bc * bj * bk, acc))
     return r, s, u, v

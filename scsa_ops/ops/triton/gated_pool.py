@@ -7,7 +7,7 @@ rows of a window are summed. Global pooling is the same kernel with one window o
 import triton
 import triton.language as tl
 
-from .utils import alloc, channel_block, num_warps, sample_channels, tl_dtype, window_columns, window_tile
+from .utils import alloc, channel_block, launch, num_warps, sample_channels, tl_dtype, window_columns, window_tile
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def gated_pool(x, ah, aw, window):
     bj, bk = window_tile(wo * kw, kw)
     bc = channel_block(bj * bk, C, ah.dtype)
     y = alloc((B, C, ho, wo), ah.dtype, x.device)
-    _gated_pool_fwd_kernel[(B * triton.cdiv(C, bc), ho)](
+    launch(_gated_pool_fwd_kernel, (B * triton.cdiv(C, bc), ho),
         x, ah, aw, y, C, H, W, ho, wo, kh, kw, *x.stride(),
         BLOCK_C=bc, BLOCK_J=bj, BLOCK_K=bk, ACC=tl_dtype(ah.dtype), num_warps=num_warps(bc * bj * bk, ah.dtype))
     return y

@@ -6,7 +6,7 @@ sums are complete in-program, column sums are per band and summed by the spatial
 import triton
 import triton.language as tl
 
-from .utils import alloc, channel_block, lt_block, num_warps, pow2, sample_channels, tl_dtype
+from .utils import alloc, channel_block, launch, lt_block, num_warps, pow2, sample_channels, tl_dtype
 
 ROWS = 8
 
@@ -46,7 +46,7 @@ def pool(x, acc):
     nbands = triton.cdiv(H, ROWS)
     ph = alloc((B, C, H), acc, x.device)
     pw = alloc((nbands, B, C, W), acc, x.device)
-    _pool_fwd_kernel[(B * triton.cdiv(C, bc), nbands)](
+    launch(_pool_fwd_kernel, (B * triton.cdiv(C, bc), nbands),
         x, ph, pw, B, C, H, W, *x.stride(),
         ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw, ACC=tl_dtype(acc), num_warps=num_warps(bc * bw, acc))
     return ph, pw

@@ -7,7 +7,7 @@ group (mean, centred variance, output) instead of being staged in memory."""
 import triton
 import triton.language as tl
 
-from .utils import alloc, pow2, tile_elems, tl_dtype
+from .utils import alloc, launch, pow2, tile_elems, tl_dtype
 
 
 @triton.jit
@@ -130,7 +130,7 @@ def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes
     ah = alloc((B, C, H), ph.dtype, ph.device)
     aw = alloc((B, C, W), ph.dtype, ph.device)
     convs = [t for wb in zip(conv_weights, conv_biases) for t in wb]
-    _spatial_gate_fwd_kernel[(B, 4, 2)](
+    launch(_spatial_gate_fwd_kernel, (B, 4, 2),
         ph, pw, ah, aw, *norm_h, *norm_w, *convs, B, C, H, W, nbands, eps,
         K0=kernel_sizes[0], K1=kernel_sizes[1], K2=kernel_sizes[2], K3=kernel_sizes[3],
         SOFTMAX=softmax, BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, ACC=tl_dtype(ph.dtype),

@@ -4,10 +4,14 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
 
 # Tests set SCSA_OPS_POISON=1 so every output starts as NaN and an element a kernel forgets to
 # write fails loudly; production allocations stay uninitialised (a memset would be a full pass).
 _POISON = os.environ.get("SCSA_OPS_POISON", "0") == "1"
+# Triton reads this when a kernel is decorated: it holds for the life of the process.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Register budget of one program's tile: 2048 fp32 (1024 fp64) values, spread over 8 warps.
 TILE_BYTES = 8192
@@ -34,7 +38,21 @@ def tl_dtype(dtype):
 
 
 def pow2(n):
-    return triton.next_power_of_2(max(int(n), 1))
+    """Smallest power of two >= n. Comparisons, not int(n): under torch.compile(dynamic=True) n is
+    symbolic, and this guards on n's power-of-two range instead of specialising on its value."""
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta) through torch.library.wrap_triton, so torch.compile and
+    torch.export capture it. Interpreted kernels are plain Python that cannot be captured (torch
+    hands them back unwrapped): on fake tensors (shape propagation, CPU tests) there is nothing to run."""
+    if INTERPRET and any(is_fake(a) for a in args if isinstance(a, torch.Tensor)):
+        return
+    wrap_triton(kernel)[grid](*args, **meta)
 
 
 def tile_elems(dtype):

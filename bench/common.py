@@ -1,0 +1,154 @@
+"""What both benchmarks share: side-by-side timing, the machine description, and the outputs
+(a markdown table on stdout, JSON with every number, a PNG chart)."""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def time_all(fns, device, reps, rounds=5):
+    """{name: median ms per call} for a dict of zero-argument callables, timed side by side.
+
+    GPU: triton.testing.do_bench (CUDA events, L2 flushed before every call, median).
+    CPU: perf_counter around each call, after warm-up, in `rounds` interleaved rounds so that
+    machine noise (this kind of VM drifts by 2-3x over minutes) hits every column alike."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return {k: do_bench(fn, warmup=25, rep=max(reps, 20), return_mode="median") for k, fn in fns.items()}
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(max(1, reps // rounds)):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cuda_launches(fn):
+    """Device kernels (and memsets/copies) that one call of fn launches, read off the profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def machine(device):
+    """Where the numbers came from: device, versions, threads, time."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+                device_type=device.type, cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                cpu_count=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                triton=triton_version, cuda=torch.version.cuda, python=platform.python_version(),
+                timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return info
+
+
+def machine_line(info):
+    dev = info["device"] if info["device_type"] == "cuda" else f"{info['device']} ({info['cpu_capability']})"
+    return (f"{dev}, {info['threads']} threads, torch {info['torch']}, triton {info['triton']}, "
+            f"{info['timestamp']}")
+
+
+def geomean(values):
+    values = [v for v in values if v]
+    return statistics.geometric_mean(values) if values else None
+
+
+def fmt(v, spec=".3f", suffix=""):
+    return "n/a" if v is None else f"{v:{spec}}{suffix}"
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def progress(items, desc):
+    """A progress bar on stderr (tqdm) for sweeps; plain iteration when tqdm is missing."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="case", leave=False, dynamic_ncols=True)
+
+
+def log(msg):
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(msg)
+    except ImportError:
+        print(msg, flush=True)
+
+
+def parser(doc, out):
+    """The options both benchmarks take; `out`: the default JSON path."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--out", default=out, help="JSON path; the PNG goes beside it")
+    return ap
+
+
+def setup(args):
+    """The device the benchmark runs on (a GPU if there is one), with the thread count applied."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def figure():
+    """A matplotlib module with a file-only backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(plt, fig, title, path):
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(payload, out, plot):
+    """JSON with every number at `out`, the chart `plot(png_path)` beside it; says where."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    path = path.resolve()
+    plot(path.with_suffix(".png"))
+    print(f"\nwrote {path}\nwrote {path.with_suffix('.png')}")
