@@ -1,8 +1,9 @@
 """Model-level A/B: images/s of a network without SCSA, and of the same network with SCSA run
-eagerly, fused, and under torch.compile, measured side by side in one run. The headline is the
+eagerly, fused, and under torch.compile (the eager module compiled, and the fused op inside a
+compiled network), measured side by side in one run. The headline is the
 fraction of the plain network's throughput that the SCSA network keeps (paper, RTX 4090:
-2019 / 2433 = 0.83 for eager SCSA-ResNet-50). The compiled SCSA network is compared with the
-compiled plain network, since torch.compile also speeds up the convolutions around SCSA.
+2019 / 2433 = 0.83 for eager SCSA-ResNet-50). The compiled SCSA networks are compared with
+the compiled plain network, since torch.compile also speeds up the convolutions around SCSA.
 
     python -m bench.model --model resnet50 mobilenetv2 [--batch 8] [--amp] [--channels-last]
         [--size 224] [--threads 2] [--compile | --no-compile]
@@ -20,8 +21,9 @@ from scsa_ops.models import BUILDERS
 from . import common
 from .op import fused_backend
 
-VARIANTS = ("plain", "scsa_eager", "scsa_fused", "plain_compile", "scsa_compile")
-KEPT = {"scsa_eager": "plain", "scsa_fused": "plain", "scsa_compile": "plain_compile"}
+VARIANTS = ("plain", "scsa_eager", "scsa_fused", "plain_compile", "scsa_compile", "scsa_fused_compile")
+KEPT = {"scsa_eager": "plain", "scsa_fused": "plain", "scsa_compile": "plain_compile",
+        "scsa_fused_compile": "plain_compile"}
 
 
 def build_variants(name, device, compile_, channels_last):
@@ -38,6 +40,8 @@ def build_variants(name, device, compile_, channels_last):
     if compile_:
         models["plain_compile"] = torch.compile(models["plain"])
         models["scsa_compile"] = torch.compile(models["scsa_eager"])
+        if backend is not None:  # the fused ops inside a compiled network (no graph break)
+            models["scsa_fused_compile"] = torch.compile(models["scsa_fused"], fullgraph=True)
     return models, backend
 
 
@@ -80,9 +84,9 @@ def print_table(rows, machine):
 
 def plot(rows, machine, path):
     plt = common.figure()
-    fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(rows), figsize=(6.5 * len(rows), 3.8), squeeze=False)
     colors = dict(plain="#55a868", scsa_eager="#888888", scsa_fused="#dd8452", plain_compile="#8fbc8f",
-                  scsa_compile="#4c72b0")
+                  scsa_compile="#4c72b0", scsa_fused_compile="#c44e52")
     for ax, r in zip(axes[0], rows):
         ks = [k for k in VARIANTS if r[f"{k}_images_per_s"]]
         bars = ax.bar(range(len(ks)), [r[f"{k}_images_per_s"] for k in ks], color=[colors[k] for k in ks])

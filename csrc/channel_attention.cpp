@@ -7,6 +7,7 @@
 // so they use exp_u20 (a polynomial, <= 20 ulp: far inside the fp32 tolerance of DESIGN.md).
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "scsa.h"
 
@@ -14,6 +15,7 @@ namespace scsa {
 namespace {
 
 constexpr int64_t kRowsPerTask = 64;
+constexpr int64_t kBlock = 8;  // key vectors scored together
 
 template <typename A>
 struct Affine {  // per (sample, channel): alpha, beta of q, k, v
@@ -69,19 +71,62 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
     alignas(64) A tail[L];
     for (int64_t l = 0; l < L; ++l) tail[l] = (Dp - L + l) < D ? A(0) : neg_inf;
     const V tail_v = V::loadu(tail);
-    auto scores = [&](int64_t j) {
-      V s(0);
-      for (int64_t n = 0; n < N; ++n) s = at::vec::fmadd(V(q[n]), V::loadu(kt.data() + n * Dp + j), s);
-      return j + L == Dp ? s + tail_v : s;
+    // Scores of NU key vectors at once (NU a constant, so they stay in registers): independent
+    // accumulators let the N-long fmadd chains (and, for N == 1, the exponentials) overlap.
+    auto scores = [&](int64_t j0, auto nu, V* s) {
+      constexpr int NU = decltype(nu)::value;
+      V odd[NU];  // odd n into a second set of accumulators: twice the chains in flight
+      for (int u = 0; u < NU; ++u) s[u] = odd[u] = V(0);
+      int64_t n = 0;
+      for (; n + 1 < N; n += 2) {
+        const V q0(q[n]), q1(q[n + 1]);
+        const A* k = kt.data() + n * Dp + j0;
+        for (int u = 0; u < NU; ++u) {
+          s[u] = at::vec::fmadd(q0, V::loadu(k + u * L), s[u]);
+          odd[u] = at::vec::fmadd(q1, V::loadu(k + Dp + u * L), odd[u]);
+        }
+      }
+      if (n < N) {
+        const V qn(q[n]);
+        for (int u = 0; u < NU; ++u) s[u] = at::vec::fmadd(qn, V::loadu(kt.data() + n * Dp + j0 + u * L), s[u]);
+      }
+      for (int u = 0; u < NU; ++u) s[u] = s[u] + odd[u];
+      if (j0 + NU * L == Dp) s[NU - 1] = s[NU - 1] + tail_v;
+    };
+    // f(j0, scores of NU vectors from j0) over every key vector: blocks of kBlock, kBlock / 2, then 1.
+    auto for_blocks = [&](auto f) {
+      V s[kBlock];
+      int64_t j0 = 0;
+      for (; j0 + kBlock * L <= Dp; j0 += kBlock * L) {
+        scores(j0, std::integral_constant<int, kBlock>{}, s);
+        f(j0, std::integral_constant<int, kBlock>{}, s);
+      }
+      for (; j0 + kBlock / 2 * L <= Dp; j0 += kBlock / 2 * L) {
+        scores(j0, std::integral_constant<int, kBlock / 2>{}, s);
+        f(j0, std::integral_constant<int, kBlock / 2>{}, s);
+      }
+      for (; j0 < Dp; j0 += L) {
+        scores(j0, std::integral_constant<int, 1>{}, s);
+        f(j0, std::integral_constant<int, 1>{}, s);
+      }
     };
     auto softmax_dot = [&](A m, A& num, A& den) {
       V vn(0), vd(0);
-      for (int64_t j = 0; j < Dp; j += L) {
-        const V p = (scores(j) - V(m)).exp_u20();
-        vd += p;
-        vn = at::vec::fmadd(p, V::loadu(vbar.data() + j), vn);
-      }
+      for_blocks([&](int64_t j0, auto nu, const V* s) {
+        for (int u = 0; u < decltype(nu)::value; ++u) {
+          const V p = (s[u] - V(m)).exp_u20();
+          vd += p;
+          vn = at::vec::fmadd(p, V::loadu(vbar.data() + j0 + u * L), vn);
+        }
+      });
       num = reduce_sum(vn), den = reduce_sum(vd);
+    };
+    auto row_max = [&]() {
+      V mx(neg_inf);
+      for_blocks([&](int64_t, auto nu, const V* s) {
+        for (int u = 0; u < decltype(nu)::value; ++u) mx = at::vec::maximum(mx, s[u]);
+      });
+      return reduce_max(mx);
     };
     int64_t staged = -1;
     for (int64_t t = begin; t < end; ++t) {
@@ -110,11 +155,7 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
           bound += q[n] >= 0 ? q[n] * kmax[n] : q[n] * kmin[n];
         }
         softmax_dot(bound, num, den);
-        if (!(den >= min_den)) {
-          V mx(neg_inf);
-          for (int64_t j = 0; j < Dp; j += L) mx = at::vec::maximum(mx, scores(j));
-          softmax_dot(reduce_max(mx), num, den);
-        }
+        if (!(den >= min_den)) softmax_dot(row_max(), num, den);
         o[i] = num / den;
       }
     }

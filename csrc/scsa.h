@@ -11,6 +11,10 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstring>
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 #include <tuple>
 #include <vector>
 
@@ -37,9 +41,20 @@ inline AccVec<T> load(const T* p, int64_t n) {
       at::vec::load_to_float(p, v);
       return v;
     }
-    alignas(64) A buf[L] = {};
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<A>(p[i]);
-    return AccVec<T>::loadu(buf);
+    // Partial vector (every row of an NCHW map narrower than a vector, or its tail).
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i raw = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+    if constexpr (std::is_same_v<T, at::BFloat16>)
+      return Vectorized<float>(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+    else
+      return Vectorized<float>(_mm512_cvtph_ps(raw));
+#else
+    alignas(64) T buf[L] = {};
+    std::memcpy(buf, p, n * sizeof(T));
+    Vectorized<float> v;
+    at::vec::load_to_float(buf, v);
+    return v;
+#endif
   }
 }
 
@@ -49,9 +64,19 @@ inline void store(T* p, const AccVec<T>& v, int64_t n) {
   if constexpr (std::is_same_v<T, A>) {
     v.store(p, n);
   } else {
-    alignas(64) A buf[AccVec<T>::size()];
-    v.store(buf);
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
+    // Rounded as a whole vector; the low half of the narrow vector holds v's lanes.
+    constexpr int64_t L = AccVec<T>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i low = _mm512_castsi512_si256(at::vec::convert_from_float<T>(v, v));
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>(n == L ? 0xffffu : (1u << n) - 1), low);
+#else
+    alignas(64) T buf[Vectorized<T>::size()];
+    at::vec::convert_from_float<T>(v, v).store(buf);
+    if (n == L)
+      std::memcpy(p, buf, L * sizeof(T));  // a fixed size: one vector move
+    else
+      std::memcpy(p, buf, n * sizeof(T));
+#endif
   }
 }
 

@@ -56,6 +56,9 @@ def _forward(x, provider, cfg, params):
         return window, provider.forward(x, Params(params), cfg, window, EPS)
 
 
+_SPATIAL = PARAM_NAMES.index("norm.weight")  # params[:_SPATIAL] feed the spatial gates, the rest the channel gate
+
+
 class SCSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, provider, cfg: Config, *params):
@@ -74,40 +77,39 @@ class SCSAFunction(torch.autograd.Function):
         with _device_of(x):
             r, s, u, v = provider.gate_grads(g, x, ah, aw, ctx.window)
         # The small graphs are differentiated with torch.func.vjp (which torch.compile traces, unlike
-        # torch.autograd.grad) as functions of the parameters present (the qkv biases are optional);
-        # the casts to the working dtype sit inside, so each gradient comes back in its leaf's dtype.
-        present = [t for t in params if t is not None]
+        # torch.autograd.grad), each as a function of the parameters it uses (the qkv biases are
+        # optional); the casts to the working dtype sit inside, so each gradient comes back in its
+        # leaf's dtype.
+        spatial_params = [t for t in params[:_SPATIAL] if t is not None]
+        channel_params = [t for t in params[_SPATIAL:] if t is not None]
 
-        def working(ts):
-            it = iter(ts)
-            return Params([None if t is None else next(it).to(acc) for t in params])
-
-        def channel_part(y_, *ts):
-            p = working(ts)
-            return channel_gate(channel_attention_logits(y_, *p.norm, p.qkv_w, p.qkv_b, cfg.head_num), cfg.gate)
+        def channel_part(y_, norm_w, norm_b, *qkv):
+            qkv = [t.to(acc) for t in qkv] + [None] * (6 - len(qkv))
+            return channel_gate(channel_attention_logits(y_, norm_w.to(acc), norm_b.to(acc), qkv[:3], qkv[3:],
+                                                         cfg.head_num), cfg.gate)
 
         def spatial_part(ph_, pw_, *ts):
-            p = working(ts)
+            p = Params([t.to(acc) for t in ts] + [None] * 8)
             return (spatial_gate(ph_, p.conv_w, p.conv_b, *p.norm_h, cfg.gate),
                     spatial_gate(pw_, p.conv_w, p.conv_b, *p.norm_w, cfg.gate))
 
         # A backward called inside torch.autocast must not recompute the small graphs in low precision.
         with torch.autocast(x.device.type, enabled=False):
-            a_c, vjp_ca = torch.func.vjp(channel_part, y, *present)
+            a_c, vjp_ca = torch.func.vjp(channel_part, y, *channel_params)
             dy, *d_ca = vjp_ca((ah * r).sum(-1))
             dy = dy / (kh * kw)
             dah = a_c[..., None] * r
             dah[:, :, :ho * kh] += (u.unflatten(2, (ho, kh)) * dy.unsqueeze(3)).sum(-1).flatten(2)
             daw = a_c[..., None] * s.sum(2)
             daw[:, :, :wo * kw] += (v.unflatten(3, (wo, kw)) * dy.unsqueeze(4)).sum(2).flatten(2)
-            _, vjp_sa = torch.func.vjp(spatial_part, ph / W, pw.sum(0) / H, *present)
+            _, vjp_sa = torch.func.vjp(spatial_part, ph / W, pw.sum(0) / H, *spatial_params)
             dph, dpw, *d_sa = vjp_sa((dah, daw))
         dx = None
         if ctx.needs_input_grad[0]:
             with _device_of(x):
                 dx = provider.input_grad(g, x, ah, aw, o, dy, dph / W, dpw / H, ctx.window,
                                          cfg.gate == "softmax")
-        grads = iter([a + b for a, b in zip(d_ca, d_sa)])  # each part gives zeros for the other's params
+        grads = iter(d_sa + d_ca)
         return (dx, None, None, *[None if t is None else next(grads) for t in params])
 
 

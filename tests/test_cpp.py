@@ -57,6 +57,26 @@ def test_intermediates_match_reference(provider, channels_last):
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+@pytest.mark.parametrize("dim,head_num,shape", [
+    (400, 2, (2, 400, 7, 9)),     # D = 200: key blocks of 8, 4 and 1 vectors; N = 1 (one window)
+    (256, 1, (1, 256, 21, 14)),   # D = 256: two blocks of 8; N = 6 (even)
+    (96, 3, (2, 96, 15, 22)),     # D = 32: a block of 2 singles; N = 6
+    (64, 4, (1, 64, 21, 21)),     # D = 16; N = 9 (odd: the last key row on its own)
+])
+def test_channel_attention_blocks(provider, dim, head_num, shape):
+    """The channel-attention pass scores keys in register blocks: every block size and parity of N,
+    in fp64 and in fp32, against the reference logits."""
+    ref, fused = pair(dict(dim=dim, head_num=head_num, qkv_bias=True), backend="cpp", device="cpu")
+    x = torch.randn(shape, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-5)):
+        _, _, _, _, _, y, o = torch.ops.scsa_cpp.forward(*_forward_args(fused.to(dtype), x.to(dtype)))
+        with torch.no_grad():
+            o_r = reference.channel_attention_logits(y.double(), ref.norm.weight, ref.norm.bias,
+                                                     (ref.q.weight, ref.k.weight, ref.v.weight),
+                                                     (ref.q.bias, ref.k.bias, ref.v.bias), head_num)
+        assert rel_err(o, o_r) < tol, dtype
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_sample_major_and_pass_major_agree(provider, threads, batch):
