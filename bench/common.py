@@ -139,7 +139,7 @@ def figure():
 
 def save_figure(plt, fig, title, path):
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -50,18 +50,25 @@ def run(module, x, grad_out):
     return out.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
 
 
-def grad_err(actual, expected):
-    """Relative error of every parameter gradient, with a floor for gradients that are zero in
-    exact arithmetic (e.g. norm_h.bias under a softmax gate, which is shift-invariant)."""
+def grad_err(actual, expected, floor=1e-3):
+    """Relative error of every parameter gradient, with a floor (a fraction of the largest
+    gradient's norm) for gradients that are zero or nearly so in exact arithmetic (e.g. norm_h.bias
+    under a softmax gate, which is shift-invariant)."""
     scale = max(g.norm().item() for g in expected.values())
     return {n: (actual[n].double() - expected[n].double()).norm().item()
-            / max(expected[n].norm().item(), 1e-3 * scale) for n in expected}
+            / max(expected[n].norm().item(), floor * scale) for n in expected}
 
 
 def assert_matches_reference(cfg, shape, dtype, backend, device, channels_last=False, seed=0):
     """The fused module against the fp64 reference, forward, dx and every parameter gradient, on
     random data and parameters. fp64: agreement to ~1e-11. Lower precisions: DESIGN.md's tolerance,
-    and (flash-attention's rule) within 2x the error of the same-precision eager module."""
+    and (flash-attention's rule) within 2x the error of the same-precision eager module, both
+    widened by the error that exact arithmetic makes on the same inputs rounded to `dtype`: an
+    ill-conditioned result can move by 10x the rounding of its inputs (1x1 maps, tiny heads), and
+    the eager module may land closer by luck (found by tests/test_fuzz.py; see
+    test_fused.test_error_bound_includes_input_rounding). Gradients 100x smaller than the largest
+    are judged against 1% of its norm, with 4x the dtype's tolerance as absolute slack (fp32 too:
+    a 1x1 map's gradients amplify internal roundoff, and 2x eager's error is then a coin toss)."""
     ref, fused = (m.eval() for m in pair(cfg, seed=seed, backend=backend, device=device))  # dropout off
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(shape, dtype=torch.float64, generator=g).to(device)
@@ -75,11 +82,22 @@ def assert_matches_reference(cfg, shape, dtype, backend, device, channels_last=F
         errs = grad_err(dp_f, dp_r)
         assert max(errs.values()) < 1e-11, errs
         return
+    errs = input_rounding_errors(cfg, seed, device, dtype, x, go, (out_r, dx_r, dp_r))
     eager = pair(cfg, seed=seed, backend="eager", device=device)[1].to(dtype).eval()
     out_e, dx_e, dp_e = run(eager, x.to(dtype), go)
-    for f, e, r in ((out_f, out_e, out_r), (dx_f, dx_e, dx_r)):
-        assert rel_err(f, r) < TOL[dtype]
-        assert rel_err(f, r) <= 2 * rel_err(e, r) + 1e-6
-    e_f, e_e = grad_err(dp_f, dp_r), grad_err(dp_e, dp_r)
+    for what, f, e, r, rounding in (("out", out_f, out_e, out_r, errs[0]), ("dx", dx_f, dx_e, dx_r, errs[1])):
+        err = rel_err(f, r)
+        assert err < max(TOL[dtype], 2 * rounding), (what, err, rounding)
+        assert err <= 2 * rel_err(e, r) + 2 * rounding + 1e-6, (what, err, rel_err(e, r), rounding)
+    e_f, e_e = grad_err(dp_f, dp_r, 1e-2), grad_err(dp_e, dp_r, 1e-2)
     for n in e_f:
-        assert e_f[n] <= 2 * e_e[n] + 4 * TOL[dtype] * (dtype != torch.float32) + 1e-5, (n, e_f[n], e_e[n])
+        bound = 2 * e_e[n] + 2 * errs[2][n] + 4 * TOL[dtype] + 1e-5
+        assert e_f[n] <= bound, (n, e_f[n], e_e[n], errs[2][n])
+
+
+def input_rounding_errors(cfg, seed, device, dtype, x, go, exact):
+    """Errors (out, dx, {param: grad error}) of exact (fp64) arithmetic on x, the upstream gradient
+    and the parameters rounded to `dtype`, against `exact` = run() of the fp64 reference."""
+    rounded = pair(cfg, seed=seed, backend="eager", device=device)[0].to(dtype).double().eval()
+    out, dx, dp = run(rounded, x.to(dtype).double(), go.to(dtype).double())
+    return rel_err(out, exact[0]), rel_err(dx, exact[1]), grad_err(dp, exact[2], 1e-2)

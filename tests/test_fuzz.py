@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from helpers import FUSED, HAS_CUDA, assert_matches_reference
@@ -34,6 +34,9 @@ def cases(draw, big):
     head_num = draw(st.sampled_from([d for d in range(1, c + 1) if c % d == 0]))
     h = draw(st.integers(1, 40 if big else 20))
     w = draw(st.integers(1, 40 if big else 20))
+    # Likewise a group of two values (C = 8 on a map one pixel high or wide) normalises to +-1
+    # whatever the conv outputs: their gradients are eps-sized and roundoff-dominated.
+    assume(groups * min(h, w) >= 3)
     window = draw(st.one_of(st.just(-1), st.integers(1, min(h, w))))
     cfg = dict(dim=c, head_num=head_num, window_size=window, group_kernel_sizes=tuple(draw(st.lists(ODD, min_size=4, max_size=4))),
                qkv_bias=draw(st.booleans()), gate_layer=draw(st.sampled_from(["sigmoid", "softmax"])))
