@@ -83,13 +83,17 @@ class SCSAFunction(torch.autograd.Function):
         spatial_params = [t for t in params[:_SPATIAL] if t is not None]
         channel_params = [t for t in params[_SPATIAL:] if t is not None]
 
-        def channel_part(y_, norm_w, norm_b, *qkv):
-            qkv = [t.to(acc) for t in qkv] + [None] * (6 - len(qkv))
-            return channel_gate(channel_attention_logits(y_, norm_w.to(acc), norm_b.to(acc), qkv[:3], qkv[3:],
-                                                         cfg.head_num), cfg.gate)
+        def working(ts, start):
+            """Params with ts, cast to the working dtype, in PARAM_NAMES order from `start`."""
+            ts = [t.to(acc) for t in ts]
+            return Params([None] * start + ts + [None] * (len(PARAM_NAMES) - start - len(ts)))
+
+        def channel_part(y_, *ts):
+            p = working(ts, _SPATIAL)
+            return channel_gate(channel_attention_logits(y_, *p.norm, p.qkv_w, p.qkv_b, cfg.head_num), cfg.gate)
 
         def spatial_part(ph_, pw_, *ts):
-            p = Params([t.to(acc) for t in ts] + [None] * 8)
+            p = working(ts, 0)
             return (spatial_gate(ph_, p.conv_w, p.conv_b, *p.norm_h, cfg.gate),
                     spatial_gate(pw_, p.conv_w, p.conv_b, *p.norm_w, cfg.gate))
 
