@@ -1,6 +1,8 @@
 // F3 of DESIGN.md: Y = avg_pool(X * a_h * a_w) without storing X * a_h * a_w. a_h is constant
 // along a row and a_w down a column, so rows are first summed with their a_h, then a_w is
 // applied once per window row. Global pooling is the same pass with one window of H x W.
+#include <optional>
+
 #include "scsa.h"
 
 namespace scsa {
@@ -28,6 +30,36 @@ void window_row(const T* rows, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>*
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Window sums of a window row of <= 64 columns (four vectors) into 3 to 16 windows: lane j of the
+// result is sum_{t < kw} row[j * kw + t]. Per tap, two two-source permutes fetch column j*kw + t
+// from either half of the row and a blend on bit 5 of the index picks the half: four instructions
+// a tap for all windows, where the scalar loop takes two per column (so it stays for 1-2 windows).
+struct WindowSums {
+  std::vector<__m512i> idx;
+  std::vector<__mmask16> high;
+  __mmask16 out;
+  WindowSums(int64_t kw, int64_t wo) : out(lanes(wo)) {
+    for (int64_t t = 0; t < kw; ++t) {
+      const __m512i i = _mm512_maskz_add_epi32(out, _mm512_mullo_epi32(lane_ids(), _mm512_set1_epi32(int(kw))),
+                                               _mm512_set1_epi32(int(t)));
+      idx.push_back(i);
+      high.push_back(_mm512_cmpge_epi32_mask(i, _mm512_set1_epi32(32)));
+    }
+  }
+  static bool fits(int64_t wc, int64_t wo) { return wc <= 64 && wo >= 3 && wo <= 16; }
+  void operator()(const float* row, float* y, float scale) const {
+    const __m512 r0 = _mm512_loadu_ps(row), r1 = _mm512_loadu_ps(row + 16), r2 = _mm512_loadu_ps(row + 32),
+                 r3 = _mm512_loadu_ps(row + 48);
+    __m512 s = _mm512_setzero_ps();
+    for (size_t t = 0; t < idx.size(); ++t)
+      s = _mm512_add_ps(s, _mm512_mask_blend_ps(high[t], _mm512_permutex2var_ps(r0, idx[t], r1),
+                                                _mm512_permutex2var_ps(r2, idx[t], r3)));
+    _mm512_mask_storeu_ps(y, out, _mm512_mul_ps(s, _mm512_set1_ps(scale)));
+  }
+};
+#endif
+
 template <typename T>
 void gated_pool_nchw(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>* y, int64_t planes,
                      int64_t H, int64_t W, int64_t kh, int64_t kw) {
@@ -36,7 +68,12 @@ void gated_pool_nchw(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T
   const int64_t ho = H / kh, wo = W / kw, wc = wo * kw;  // wc: columns covered by windows
   const A inv = A(1) / A(kh * kw);
   at::parallel_for(0, planes, grain(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<A> weighted(wc);  // the window row's column sums times a_w
+    std::vector<A> weighted(std::max<int64_t>(wc, 64));  // the window row's column sums times a_w
+#if defined(CPU_CAPABILITY_AVX512)
+    std::optional<WindowSums> sums;
+    if constexpr (std::is_same_v<A, float>)
+      if (WindowSums::fits(wc, wo)) sums.emplace(kw, wo);
+#endif
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t i = 0; i < ho; ++i) {
         const T* rows = x + (p * H + i * kh) * W;
@@ -47,6 +84,13 @@ void gated_pool_nchw(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T
           window_row<2>(rows, a_h, aw + p * W, weighted.data(), W, wc, kh);
         else
           window_row<4>(rows, a_h, aw + p * W, weighted.data(), W, wc, kh);
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<A, float>)
+          if (sums) {
+            (*sums)(weighted.data(), y + (p * ho + i) * wo, inv);
+            continue;
+          }
+#endif
         for (int64_t j = 0; j < wo; ++j) {
           A s = 0;
           for (int64_t t = j * kw; t < (j + 1) * kw; ++t) s += weighted[t];

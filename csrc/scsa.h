@@ -28,6 +28,12 @@ using acc_t = at::opmath_type<T>;
 template <typename T>
 using AccVec = Vectorized<acc_t<T>>;
 
+// Masks and lane indices for partial vectors of 16 lanes.
+#if defined(CPU_CAPABILITY_AVX512)
+inline __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+inline __m512i lane_ids() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+#endif
+
 // n <= size() elements of p, widened to accumulator lanes; lanes past n are zero.
 template <typename T>
 inline AccVec<T> load(const T* p, int64_t n) {
@@ -43,7 +49,7 @@ inline AccVec<T> load(const T* p, int64_t n) {
     }
     // Partial vector (every row of an NCHW map narrower than a vector, or its tail).
 #if defined(CPU_CAPABILITY_AVX512)
-    const __m256i raw = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+    const __m256i raw = _mm256_maskz_loadu_epi16(lanes(n), p);
     if constexpr (std::is_same_v<T, at::BFloat16>)
       return Vectorized<float>(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
     else
@@ -68,7 +74,7 @@ inline void store(T* p, const AccVec<T>& v, int64_t n) {
     constexpr int64_t L = AccVec<T>::size();
 #if defined(CPU_CAPABILITY_AVX512)
     const __m256i low = _mm512_castsi512_si256(at::vec::convert_from_float<T>(v, v));
-    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>(n == L ? 0xffffu : (1u << n) - 1), low);
+    _mm256_mask_storeu_epi16(p, lanes(n), low);
 #else
     alignas(64) T buf[Vectorized<T>::size()];
     at::vec::convert_from_float<T>(v, v).store(buf);
@@ -89,6 +95,27 @@ template <typename A>
 inline A reduce_max(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>(
       [](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// 2^x, for the softmax terms whose count dominates a pass. On AVX512 fp32 it is round, a degree-5
+// polynomial of the fraction (relative error 2.4e-7, ~2 ulp) and vscalefps: 8 instructions where
+// exp_u20 takes ~19 (its clamps and integer exponent assembly). Very negative x (including the
+// -1e30 used for padding lanes) gives 0; -inf would give NaN, so callers never pass it.
+template <typename A>
+inline Vectorized<A> exp2(const Vectorized<A>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.327647129073739e-3f), f, _mm512_set1_ps(9.675541892647743e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+    return _mm512_scalef_ps(p, n);
+  }
+#endif
+  return (x * Vectorized<A>(A(0.693147180559945309417))).exp_u20();
 }
 
 // Calls f(i, n) for i = 0, L, 2L, ... < len with n lanes in that step.
@@ -161,12 +188,14 @@ inline Tensor check_small(const Tensor& t, const char* name, at::IntArrayRef siz
   return t.contiguous();
 }
 
-// A parameter vector of `numel` values, converted to the accumulator dtype.
+// A parameter of `numel` values in the accumulator dtype, contiguous (passes index it flat).
 inline Tensor param(const Tensor& t, const char* name, int64_t numel, at::ScalarType acc) {
   TORCH_CHECK(t.device().is_cpu(), "scsa_cpp: ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.numel() == numel, "scsa_cpp: ", name, " must have ", numel, " elements, got shape ",
               t.sizes());
-  return t.to(acc).contiguous().view({numel});
+  // Every call converts ~20 parameters: skip the dispatcher when there is nothing to do.
+  if (t.scalar_type() == acc && t.is_contiguous()) return t;
+  return t.to(acc).contiguous();
 }
 
 inline void check_window(const Tensor& x, int64_t kh, int64_t kw) {
@@ -186,7 +215,8 @@ inline void channel_gate(const A* o, A* ac, int64_t B, int64_t C, bool softmax) 
       for (int64_t c = 0; c < C; ++c) a[c] /= s;
     } else {
       using V = Vectorized<A>;
-      for_lanes<A>(C, [&](int64_t c, int64_t n) { (V(1) / (V(1) + V::loadu(ob + c, n).neg().exp_u20())).store(a + c, n); });
+      const V to_log2(A(-1.44269504088896340736));
+      for_lanes<A>(C, [&](int64_t c, int64_t n) { (V(1) / (V(1) + exp2(V::loadu(ob + c, n) * to_log2))).store(a + c, n); });
     }
   }
 }

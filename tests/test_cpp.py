@@ -77,6 +77,51 @@ def test_channel_attention_blocks(provider, dim, head_num, shape):
         assert rel_err(o, o_r) < tol, dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hw,window_size", [
+    ((9, 56), 7),   # 8 windows across both halves of a 64-column row
+    ((5, 64), 4),   # 16 windows filling the row
+    ((3, 16), 1),   # one-column windows
+    ((7, 41), 3),   # 13 windows, two trailing columns dropped
+    ((8, 15), 7),   # 2 windows: the scalar sums
+])
+def test_gated_pool_window_sums(provider, hw, window_size, dtype):
+    """Y = avg_pool(X * a_h * a_w) from the op's own gates, for the window-row layouts the gated pool
+    sums with register permutes (rows of <= 64 columns, 3-16 windows) and one it sums in scalars."""
+    _, fused = pair(dict(dim=8, window_size=window_size), backend="cpp", device="cpu")
+    x = torch.randn(2, 8, *hw, dtype=torch.float64).to(dtype)
+    _, _, _, ah, aw, y, _ = torch.ops.scsa_cpp.forward(*_forward_args(fused.to(dtype), x))
+    want = torch.nn.functional.avg_pool2d(x.double() * ah.double()[..., None] * aw.double()[:, :, None],
+                                          window_size)
+    assert rel_err(y, want) < 1e-6
+
+
+@pytest.mark.parametrize("shape,window_size", [((2, 512, 7, 7), 7), ((2, 512, 9, 11), -1)])
+def test_rank_one_attention(provider, shape, window_size):
+    """N = 1 (7x7 maps under a 7x7 window, global pooling): fp32 rows with |x_i| * rad <= 3 take the
+    power series of the key moments, the others the exponentials. Query weights spread from 0 to
+    60 put rows of each head on both sides of that radius (asserted from the same quantities), and
+    every row must match the fp64 reference logits."""
+    ref, fused = pair(dict(dim=512, head_num=2, qkv_bias=True, window_size=window_size), backend="cpp",
+                      device="cpu")
+    with torch.no_grad():
+        ref.q.weight.copy_(torch.linspace(0, 60, 512).view(512, 1, 1, 1)[torch.randperm(512)])
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(shape, dtype=torch.float64)
+    _, _, _, _, _, y, o = torch.ops.scsa_cpp.forward(*_forward_args(fused.float(), x.float()))
+    with torch.no_grad():
+        y = y.double()
+        params = ((ref.q.weight, ref.k.weight, ref.v.weight), (ref.q.bias, ref.k.bias, ref.v.bias))
+        o_r = reference.channel_attention_logits(y, ref.norm.weight, ref.norm.bias, *params, 2)
+        yn = reference._group_norm(y, 1, ref.norm.weight, ref.norm.bias).view(2, 2, 256)
+        q, k = ((yn * w.view(2, 256) + b.view(2, 256)) for w, b in zip(params[0][:2], params[1][:2]))
+        radius = (q / 256 ** 0.5).abs() * (k.amax(-1, keepdim=True) - k.amin(-1, keepdim=True)) / 2
+    inside = radius <= 3
+    assert inside.sum(-1).min() > 10 and (~inside).sum(-1).min() > 10, "rows on both sides in every head"
+    err = (o.double() - o_r).abs() / o_r.abs().amax(1, keepdim=True)
+    assert err.view(2, 2, 256)[inside].max() < 1e-6 and err.view(2, 2, 256)[~inside].max() < 1e-6
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_sample_major_and_pass_major_agree(provider, threads, batch):
