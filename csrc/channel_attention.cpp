@@ -37,6 +37,10 @@ template <typename A>
 void key_moments(const A* k, const A* v, int64_t D, A kmax, A kmin, Moments& m) {
   using VD = Vectorized<double>;
   m.mid = (double(kmax) + double(kmin)) / 2, m.rad = (double(kmax) - double(kmin)) / 2;
+  if (!(m.rad < 1e12)) {  // d^p would overflow (or keys are NaN): every row takes the loop
+    m.rad = std::numeric_limits<double>::infinity();
+    return;
+  }
   std::vector<double> d(D), vd(D), power(D, 1.0);  // power: d_j^p / p!
   for (int64_t j = 0; j < D; ++j) d[j] = double(k[j]) - m.mid, vd[j] = v[j];
   for (int p = 0; p < kTerms; ++p) {
@@ -53,8 +57,8 @@ void key_moments(const A* k, const A* v, int64_t D, A kmax, A kmin, Moments& m) 
 }
 
 template <typename A>
-struct Affine {  // per (sample, channel): alpha, beta of q, k, v
-  std::vector<A> aq, bq, ak, bk, vbar;
+struct Affine {  // per sample: the GroupNorm mean; per (sample, channel): alpha, beta of q, k, and vbar
+  std::vector<A> mu, aq, bq, ak, bk, vbar;
 };
 
 template <typename A>
@@ -64,15 +68,15 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   const int64_t D = C / heads, Dp = (D + L - 1) / L * L;
-  Affine<A> f{std::vector<A>(B * C), std::vector<A>(B * C), std::vector<A>(B * C), std::vector<A>(B * C),
-              std::vector<A>(B * C)};
+  Affine<A> f{std::vector<A>(B), std::vector<A>(B * C), std::vector<A>(B * C), std::vector<A>(B * C),
+              std::vector<A>(B * C), std::vector<A>(B * C)};
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const A* yb = y + b * C * N;
       const int64_t M = C * N;
       V s1(0);
       for_lanes<A>(M, [&](int64_t k, int64_t n) { s1 += V::loadu(yb + k, n); });
-      const A mu = reduce_sum(s1) / A(M);
+      const A mu = f.mu[b] = reduce_sum(s1) / A(M);
       V s2(0);
       for_lanes<A>(M, [&](int64_t k, int64_t n) {
         auto d = V::loadu(yb + k, n) - V(mu);
@@ -80,15 +84,16 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
       });
       const A rstd = A(1) / std::sqrt(reduce_sum(s2) / A(M) + eps);
       for (int64_t c = 0; c < C; ++c) {
-        // w * ((y - mu) * rstd * gn_w + gn_b) + bias == alpha * y + beta
-        const A g = gn_w[c] * rstd, h = gn_b[c] - g * mu, i = b * C + c;
+        // w * ((y - mu) * rstd * gn_w + gn_b) + bias == alpha * (y - mu) + beta: mu is not folded
+        // into beta, whose rounding would then be amplified by |mu| / std(y).
+        const A g = gn_w[c] * rstd, i = b * C + c;
         f.aq[i] = wq[c] * g;
-        f.bq[i] = wq[c] * h + (bq ? bq[c] : A(0));
+        f.bq[i] = wq[c] * gn_b[c] + (bq ? bq[c] : A(0));
         f.ak[i] = wk[c] * g;
-        f.bk[i] = wk[c] * h + (bk ? bk[c] : A(0));
+        f.bk[i] = wk[c] * gn_b[c] + (bk ? bk[c] : A(0));
         V ysum(0);
         for_lanes<A>(N, [&](int64_t n0, int64_t n) { ysum += V::loadu(yb + c * N + n0, n); });
-        f.vbar[i] = wv[c] * g * (reduce_sum(ysum) / A(N)) + wv[c] * h + (bv ? bv[c] : A(0));
+        f.vbar[i] = wv[c] * g * (reduce_sum(ysum) / A(N) - mu) + wv[c] * gn_b[c] + (bv ? bv[c] : A(0));
       }
     }
   });
@@ -103,7 +108,7 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
   const double inv_sqrt_d = 1 / std::sqrt(double(D));
   at::parallel_for(0, B * heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> kt(N * Dp), vbar(Dp), kmax(N), kmin(N), q(N);
-    Moments mom;
+    Moments mom{};
     bool done[kRowsPerTask];  // rank one: rows the power series answered
     // Added to the last vector of scores: padding lanes get -1e30, so exp2() makes them 0.
     alignas(64) A tail[L];
@@ -176,7 +181,7 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
         std::fill(vbar.begin(), vbar.end(), A(0));
         for (int64_t j = 0; j < D; ++j) {
           const int64_t i = b * C + c0 + j;
-          for (int64_t n = 0; n < N; ++n) kt[n * Dp + j] = f.ak[i] * yb[(c0 + j) * N + n] + f.bk[i];
+          for (int64_t n = 0; n < N; ++n) kt[n * Dp + j] = f.ak[i] * (yb[(c0 + j) * N + n] - f.mu[b]) + f.bk[i];
           vbar[j] = f.vbar[i];
         }
         for (int64_t n = 0; n < N; ++n) {
@@ -197,7 +202,7 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
         alignas(64) double x[kRowsPerTask], ratio[kRowsPerTask];
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t i = b * C + c0 + r;
-          x[r - r0] = double(f.aq[i] * yb[c0 + r] + f.bq[i]) * inv_sqrt_d;
+          x[r - r0] = double(f.aq[i] * (yb[c0 + r] - f.mu[b]) + f.bq[i]) * inv_sqrt_d;
         }
         for_lanes<double>(r1 - r0, [&](int64_t r, int64_t n) {
           const VD xv = VD::loadu(x + r, n);
@@ -215,7 +220,7 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
         const int64_t i = b * C + c0 + r;
         A bound = 0, num, den;
         for (int64_t n = 0; n < N; ++n) {
-          q[n] = (f.aq[i] * yb[(c0 + r) * N + n] + f.bq[i]) * q_scale;
+          q[n] = (f.aq[i] * (yb[(c0 + r) * N + n] - f.mu[b]) + f.bq[i]) * q_scale;
           bound += q[n] >= 0 ? q[n] * kmax[n] : q[n] * kmin[n];
         }
         softmax_dot(bound, num, den);

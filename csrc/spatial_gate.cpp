@@ -62,14 +62,14 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
       sq += (d * d) & keep(l);
     }
   const A rstd = A(1) / std::sqrt(reduce_sum(sq) / A(M) + eps);
-  // GroupNorm's affine per channel, times -log2(e) (sigmoid) or log2(e) (softmax) for exp2.
+  // GroupNorm's affine per channel, times -log2(e) (sigmoid) or log2(e) (softmax) for exp2. The
+  // mean is subtracted, not folded into the shift, whose rounding |mu| / std(z) would amplify.
   const A to_log2 = softmax ? A(1.44269504088896340736) : A(-1.44269504088896340736);
   for (int64_t c = 0; c < G; ++c) {
-    const A g = rstd * gw[c];
-    const V scale(g * to_log2), shift((gb[c] - mu * g) * to_log2);
+    const V scale(rstd * gw[c] * to_log2), shift(gb[c] * to_log2);
     const A* zc = z.data() + c * Lv;
     A* a = out + c * L;
-    auto logits = [&](int64_t l) { return at::vec::fmadd(V::loadu(zc + l), scale, shift); };
+    auto logits = [&](int64_t l) { return at::vec::fmadd(V::loadu(zc + l) - V(mu), scale, shift); };
     if (!softmax) {
       for_lanes<A>(L, [&](int64_t l, int64_t n) { (V(1) / (V(1) + exp2(logits(l)))).store(a + l, n); });
       continue;

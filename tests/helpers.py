@@ -1,6 +1,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 from scsa_ops import SCSA
 from scsa_ops.reference import SCSA as Reference
@@ -101,3 +102,18 @@ def input_rounding_errors(cfg, seed, device, dtype, x, go, exact):
     rounded = pair(cfg, seed=seed, backend="eager", device=device)[0].to(dtype).double().eval()
     out, dx, dp = run(rounded, x.to(dtype).double(), go.to(dtype).double())
     return rel_err(out, exact[0]), rel_err(dx, exact[1]), grad_err(dp, exact[2], 1e-2)
+
+
+def spatial_gate_condition(cfg, seed, shape):
+    """max |z| / std(z) over the spatial gate's GroupNorm groups (z: the conv outputs, on the input
+    assert_matches_reference draws): normalising amplifies a one-ulp rounding of z by this factor."""
+    ref = pair(cfg, seed=seed, backend="eager", device="cpu")[0]
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    worst = 0.0
+    with torch.no_grad():
+        for p in (x.mean(3), x.mean(2)):
+            z = torch.cat([F.conv1d(pg, c.weight, c.bias, padding=c.weight.shape[-1] // 2, groups=pg.shape[1])
+                           for pg, c in zip(p.chunk(4, dim=1), ref.convs())], dim=1)
+            z = z.view(z.shape[0], 4, -1)
+            worst = max(worst, (z.abs().amax(-1) / z.std(-1, unbiased=False).clamp_min(1e-300)).max().item())
+    return worst

@@ -4,7 +4,8 @@ DESIGN.md. `fused_on` is the (backend, device) pair under test."""
 import pytest
 import torch
 
-from helpers import FUSED, TOL, assert_matches_reference, grad_err, input_rounding_errors, pair, rel_err, run
+from helpers import (FUSED, TOL, assert_matches_reference, grad_err, input_rounding_errors, pair, rel_err, run,
+                     spatial_gate_condition)
 from scsa_ops import SCSA, SCSAFunction, backends
 from scsa_ops.function import PARAM_NAMES
 
@@ -87,6 +88,26 @@ def test_one_pixel_maps(fused_on, dtype):
     cfg = dict(dim=16, window_size=-1, group_kernel_sizes=(1, 7, 7, 3))
     for seed in range(3):
         assert_matches_reference(cfg, (2, 16, 1, 1), dtype, *fused_on, seed=seed)
+
+
+def test_ill_conditioned_spatial_groupnorm(fused_on):
+    """Regression case from the fuzz campaign (fp32): a spatial-gate GroupNorm group of four values
+    (two channels of a 2-pixel-high map) sits at 0.61 with a spread of 0.005, so one ulp of a conv
+    output moves its gate by ~90 ulp, in any fp32 implementation. The eager module happened to
+    land 10x closer than the fused op; both are well inside DESIGN.md's fp32 tolerance, which is
+    what this case is held to (the fuzz domain leaves out groups conditioned worse than 20x)."""
+    cfg = dict(dim=8, head_num=1, window_size=-1, group_kernel_sizes=(9, 9, 9, 1), gate_layer="softmax")
+    shape, seed = (2, 8, 2, 26), 389
+    assert spatial_gate_condition(cfg, seed, shape) > 50
+    backend, dev = fused_on
+    ref, fused = (m.eval() for m in pair(cfg, seed=seed, backend=backend, device=dev))
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(shape, dtype=torch.float64, generator=g).to(dev)
+    go = torch.randn(shape, dtype=torch.float64, generator=g).to(dev)
+    out_r, dx_r, dp_r = run(ref, x, go)
+    out_f, dx_f, dp_f = run(fused.float(), x.float(), go)
+    assert rel_err(out_f, out_r) < TOL[torch.float32] and rel_err(dx_f, dx_r) < TOL[torch.float32]
+    assert max(grad_err(dp_f, dp_r, 1e-2).values()) < 10 * TOL[torch.float32]
 
 
 def test_non_dense_strides(fused_on):

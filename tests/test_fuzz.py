@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from helpers import FUSED, HAS_CUDA, assert_matches_reference
+from helpers import FUSED, HAS_CUDA, assert_matches_reference, spatial_gate_condition
 
 # Examples per provider: the Triton interpreter costs ~100x the C++ path per case.
 EXAMPLES = {"fast": {"cpp": 40, "triton": 8}, "long": {"cpp": 3000, "triton": 400}}
@@ -54,6 +54,11 @@ def test_fuzz_against_reference(backend, device):
     @given(cases(big))
     def check(case):
         cfg, shape, dtype, channels_last, seed = case
+        # A GroupNorm group of a few values can sit far from zero relative to its spread (two
+        # channels with near-equal biases): then one ulp of fp32 in a conv output moves a gate by
+        # |z| / std ulps, for the eager module as for us, and "within 2x eager's error" is luck
+        # (found at 87x; tests/test_fused.py::test_ill_conditioned_spatial_groupnorm).
+        assume(dtype == torch.float64 or spatial_gate_condition(cfg, seed, shape) < 20)
         assert_matches_reference(cfg, shape, dtype, backend, device, channels_last, seed)
 
     check()

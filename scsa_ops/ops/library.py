@@ -71,20 +71,24 @@ class Provider:
     window_w)`, whether that provider takes rows of width w."""
 
     def __init__(self, ns, fits):
-        self.ns, self.ops, self.fits = ns, getattr(torch.ops, ns), fits
+        ops = getattr(torch.ops, ns)
+        # The overloads themselves: a torch.ops packet resolves its overload on every call.
+        self.ns, self.fits = ns, fits
+        self._forward, self._gate_grads, self._input_grad = (
+            ops.forward.default, ops.gate_grads.default, ops.input_grad.default)
 
     def __repr__(self):
         return f"Provider({self.ns!r})"
 
     def forward(self, x, p, cfg, window, eps):
         """(out, p_h, p_w, a_h, a_w, Y, o); p: function.Params."""
-        out, ph, pw, ah, aw, y, o = self.ops.forward(
+        out, ph, pw, ah, aw, y, o = self._forward(
             x, p.conv_w, p.conv_b, *p.norm_h, *p.norm_w, *p.norm, *p.qkv_w, *p.qkv_b, cfg.head_num, *window,
             cfg.gate == "softmax", eps)
         return out, ph, pw, ah, aw, y, o
 
     def gate_grads(self, g, x, ah, aw, window):
-        return self.ops.gate_grads(g, x, ah, aw, *window)
+        return self._gate_grads(g, x, ah, aw, *window)
 
     def input_grad(self, g, x, ah, aw, o, dy, dph, dpw, window, softmax):
-        return self.ops.input_grad(g, x, ah, aw, o, dy, dph, dpw, *window, softmax)
+        return self._input_grad(g, x, ah, aw, o, dy, dph, dpw, *window, softmax)
