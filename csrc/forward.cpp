@@ -50,6 +50,7 @@ std::vector<Tensor> forward(const Tensor& x_in, at::TensorList conv_weights, at:
     f.k_bias = param(*k_bias, "k.bias", C, acc);
     f.v_bias = param(*v_bias, "v.bias", C, acc);
   }
+  if (!parameters_finite(f)) return forward_eager(f);
   const auto opts = f.x.options().dtype(acc);
   f.ph = at::empty({B, C, f.H}, opts);
   f.pw = at::empty({1, B, C, f.W}, opts);

@@ -100,8 +100,9 @@ inline A reduce_max(const Vectorized<A>& v) {
 // 2^x, for the softmax terms whose count dominates a pass. On AVX512 fp32 it is round, a degree-6
 // polynomial of the fraction (a minimax fit: within 0.94 ulp with fp32 Horner steps) and
 // vscalefps: 9 instructions where exp_u20 takes ~19 (its clamps and integer exponent assembly).
-// Very negative x (including the -1e30 used for padding lanes) gives 0; -inf would give NaN, so
-// callers never pass it.
+// Very negative x (the -1e30 used for padding lanes, -inf) gives 0, +inf gives inf and NaN stays
+// NaN on every instruction set (at::vec's exp_u20 turns NaN into inf, so a NaN logit would
+// become a gate of 0 or 1: the NaN is put back).
 template <typename A>
 inline Vectorized<A> exp2(const Vectorized<A>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -117,7 +118,8 @@ inline Vectorized<A> exp2(const Vectorized<A>& x) {
     return _mm512_scalef_ps(p, n);
   }
 #endif
-  return (x * Vectorized<A>(A(0.693147180559945309417))).exp_u20();
+  const Vectorized<A> e = (x * Vectorized<A>(A(0.693147180559945309417))).exp_u20();
+  return Vectorized<A>::blendv(e, x, x.isnan());
 }
 
 // Calls f(i, n) for i = 0, L, 2L, ... < len with n lanes in that step.
@@ -243,6 +245,9 @@ void spatial_gate(Forward& f, int64_t b0, int64_t nb);
 void gated_pool(Forward& f, int64_t b0, int64_t nb);
 void channel_attention(Forward& f, int64_t b0, int64_t nb);
 void apply_gates(Forward& f, int64_t b0, int64_t nb);
+// nonfinite.cpp: whether every parameter is finite, and the forward for when one is not.
+bool parameters_finite(const Forward& f);
+std::vector<Tensor> forward_eager(const Forward& f);
 
 std::vector<Tensor> forward(const Tensor& x, at::TensorList conv_weights, at::TensorList conv_biases,
                             const Tensor& norm_h_weight, const Tensor& norm_h_bias, const Tensor& norm_w_weight,

@@ -62,11 +62,14 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
       sq += (d * d) & keep(l);
     }
   const A rstd = A(1) / std::sqrt(reduce_sum(sq) / A(M) + eps);
-  // GroupNorm's affine per channel, times -log2(e) (sigmoid) or log2(e) (softmax) for exp2. The
-  // mean is subtracted, not folded into the shift, whose rounding |mu| / std(z) would amplify.
-  const A to_log2 = softmax ? A(1.44269504088896340736) : A(-1.44269504088896340736);
+  // GroupNorm's affine per channel; for the sigmoid times -log2(e), for exp2. The mean is
+  // subtracted, not folded into the shift, whose rounding |mu| / std(z) would amplify. Softmax
+  // logits stay in natural units until the row max is subtracted: a finite logit near the fp32
+  // limit times log2(e) would overflow, and inf - inf is NaN where the eager module is finite.
+  const A to_log2 = A(1.44269504088896340736), to_neg_log2 = -to_log2;
   for (int64_t c = 0; c < G; ++c) {
-    const V scale(rstd * gw[c] * to_log2), shift(gb[c] * to_log2);
+    const A unit = softmax ? A(1) : to_neg_log2;
+    const V scale(rstd * gw[c] * unit), shift(gb[c] * unit);
     const A* zc = z.data() + c * Lv;
     A* a = out + c * L;
     auto logits = [&](int64_t l) { return at::vec::fmadd(V::loadu(zc + l) - V(mu), scale, shift); };
@@ -76,10 +79,11 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
     }
     V mx(A(-1e30)), den(0);  // softmax over the length
     for (int64_t l = 0; l < L; l += Lanes) mx = at::vec::maximum(mx, V::blendv(V(A(-1e30)), logits(l), keep(l)));
-    const V row_max(reduce_max(mx));
-    for (int64_t l = 0; l < L; l += Lanes) den += exp2(logits(l) - row_max) & keep(l);
+    const V row_max(reduce_max(mx)), log2e(to_log2);
+    auto term = [&](int64_t l) { return exp2((logits(l) - row_max) * log2e); };
+    for (int64_t l = 0; l < L; l += Lanes) den += term(l) & keep(l);
     const V inv(A(1) / reduce_sum(den));
-    for_lanes<A>(L, [&](int64_t l, int64_t n) { (exp2(logits(l) - row_max) * inv).store(a + l, n); });
+    for_lanes<A>(L, [&](int64_t l, int64_t n) { (term(l) * inv).store(a + l, n); });
   }
 }
 

@@ -31,6 +31,14 @@ def check_backend(backend):
     return backend
 
 
+def _env_backend():
+    env = os.environ.get(ENV_VAR)
+    if env and env not in BACKENDS:
+        raise ValueError(f"SCSA: the environment variable {ENV_VAR} names an unknown backend {env!r}; expected one "
+                         f"of {BACKENDS}, or unset it")
+    return env
+
+
 def triton_provider():
     """(provider, None) or (None, why it is unavailable)."""
     global _triton
@@ -80,9 +88,7 @@ def resolve(backend, device, fusable):
 
 @torch.compiler.assume_constant_result
 def _resolve_name(backend, device, fusable):
-    env = os.environ.get(ENV_VAR)
-    if env:
-        backend = check_backend(env)
+    backend = _env_backend() or backend
     if backend == "eager" or not fusable:
         return None
     if backend == "auto":

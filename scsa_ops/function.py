@@ -69,6 +69,11 @@ class SCSAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: the backward's recomputed small tensors are constants, so a second
+            # derivative through this graph would be silently wrong.
+            raise RuntimeError("SCSA's fused backward is not twice differentiable (create_graph=True: gradient "
+                               "penalties, meta-learning); use backend='eager' for this model")
         x, ph, pw, ah, aw, y, o, *params = ctx.saved_tensors
         cfg, provider, (kh, kw) = ctx.cfg, ctx.provider, ctx.window
         H, W = x.shape[2:]

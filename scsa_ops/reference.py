@@ -151,19 +151,26 @@ class SCSA(nn.Module):
 
     def eager_forward(self, x):
         convs = self.convs()
-        cw, cb = [m.weight for m in convs], [m.bias for m in convs]
-        a_h = spatial_gate(x.mean(dim=3), cw, cb, self.norm_h.weight, self.norm_h.bias, self.gate_layer)
-        a_w = spatial_gate(x.mean(dim=2), cw, cb, self.norm_w.weight, self.norm_w.bias, self.gate_layer)
-        xs = x * a_h.unsqueeze(3) * a_w.unsqueeze(2)
-        if self.window_size == -1:
-            y = xs.mean(dim=(2, 3), keepdim=True)
-        elif self.down_sample_mode == "max_pool":
-            y = F.max_pool2d(xs, self.window_size, self.window_size)
-        else:
-            y = F.avg_pool2d(xs, self.window_size, self.window_size)
-        o = channel_attention_logits(
-            y, self.norm.weight, self.norm.bias, (self.q.weight, self.k.weight, self.v.weight),
-            (self.q.bias, self.k.bias, self.v.bias), self.head_num, self.attn_drop_ratio, self.training)
-        a_c = channel_gate(o, self.gate_layer)
-        return xs * a_c.view(*a_c.shape, 1, 1)
+        return forward_parts(
+            x, [m.weight for m in convs], [m.bias for m in convs], (self.norm_h.weight, self.norm_h.bias),
+            (self.norm_w.weight, self.norm_w.bias), (self.norm.weight, self.norm.bias),
+            (self.q.weight, self.k.weight, self.v.weight), (self.q.bias, self.k.bias, self.v.bias), self.head_num,
+            self.window_size, self.down_sample_mode, self.gate_layer, self.attn_drop_ratio, self.training)[-1]
 
+
+def forward_parts(x, conv_weights, conv_biases, norm_h, norm_w, norm, qkv_weights, qkv_biases, head_num,
+                  window_size, down_sample_mode, gate, attn_drop=0.0, training=False):
+    """The eager forward, step by step: (a_h, a_w, Xs, Y, o, out). Also what the fused ops run when
+    a parameter is NaN or Inf, so that those land exactly where the eager module's do."""
+    a_h = spatial_gate(x.mean(dim=3), conv_weights, conv_biases, *norm_h, gate)
+    a_w = spatial_gate(x.mean(dim=2), conv_weights, conv_biases, *norm_w, gate)
+    xs = x * a_h.unsqueeze(3) * a_w.unsqueeze(2)
+    if window_size == -1:
+        y = xs.mean(dim=(2, 3), keepdim=True)
+    elif down_sample_mode == "max_pool":
+        y = F.max_pool2d(xs, window_size, window_size)
+    else:
+        y = F.avg_pool2d(xs, window_size, window_size)
+    o = channel_attention_logits(y, *norm, qkv_weights, qkv_biases, head_num, attn_drop, training)
+    a_c = channel_gate(o, gate)
+    return a_h, a_w, xs, y, o, xs * a_c.view(*a_c.shape, 1, 1)

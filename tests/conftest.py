@@ -12,7 +12,15 @@ os.environ.pop("SCSA_OPS_BACKEND", None)
 
 import pytest  # noqa: E402
 
+from helpers import FUSED  # noqa: E402
+
 
 @pytest.fixture
 def device():
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(params=FUSED, ids=[b for b, _ in FUSED])
+def fused_on(request):
+    """(backend, device) of each fused provider this machine runs."""
+    return request.param

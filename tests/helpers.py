@@ -42,6 +42,14 @@ def pair(cfg, seed=0, backend="triton", device=DEVICE):
     return ref, fused
 
 
+def eager_and_fused(cfg, backend, device, dtype, seed=0):
+    """(eager module, fused module) in `dtype` with the same random parameters as pair()."""
+    ref, fused = pair(cfg, seed=seed, backend=backend, device=device)
+    eager = SCSA(**cfg, backend="eager").double().to(device)
+    eager.load_state_dict(ref.state_dict())
+    return eager.to(dtype), fused.to(dtype)
+
+
 def run(module, x, grad_out):
     """Forward + backward of (out * grad_out).sum(): (out, dx, {name: dparam})."""
     module.zero_grad(set_to_none=True)
@@ -117,3 +125,17 @@ def spatial_gate_condition(cfg, seed, shape):
             z = z.view(z.shape[0], 4, -1)
             worst = max(worst, (z.abs().amax(-1) / z.std(-1, unbiased=False).clamp_min(1e-300)).max().item())
     return worst
+
+
+def forward_backward(module, x, grad_out):
+    """[(what, tensor)] of run(): the output, dx and every parameter gradient, by name."""
+    out, dx, grads = run(module, x, grad_out)
+    return [("out", out), ("dx", dx)] + [(f"grad {n}", g) for n, g in grads.items()]
+
+
+def nonfinite_mismatches(actual, expected):
+    """Where two forward_backward() results put NaN or Inf differently: [(what, NaN count, Inf
+    count of actual, the same of expected)], empty when every mask agrees."""
+    return [(what, a.isnan().sum().item(), a.isinf().sum().item(), e.isnan().sum().item(), e.isinf().sum().item())
+            for (what, a), (_, e) in zip(actual, expected)
+            if not (torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf()))]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from helpers import FUSED, HAS_CUDA, TOL, grad_err, pair, rel_err
+from helpers import HAS_CUDA, TOL, grad_err, pair, rel_err
 from kernels import LaunchRecorder
 from scsa_ops import reference
 from scsa_ops.backends import triton_provider
@@ -20,10 +20,6 @@ OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
 # are traced the same way but run eagerly (aot_eager) to keep the interpreter's cost down.
 COMPILE_BACKEND = {"cpp": "inductor", "triton": "inductor" if HAS_CUDA else "aot_eager"}
 
-
-@pytest.fixture(params=FUSED, ids=[b for b, _ in FUSED])
-def fused_on(request):
-    return request.param
 
 
 def _model_pair(backend, device):

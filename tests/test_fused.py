@@ -4,7 +4,7 @@ DESIGN.md. `fused_on` is the (backend, device) pair under test."""
 import pytest
 import torch
 
-from helpers import (FUSED, TOL, assert_matches_reference, grad_err, input_rounding_errors, pair, rel_err, run,
+from helpers import (TOL, assert_matches_reference, grad_err, input_rounding_errors, pair, rel_err, run,
                      spatial_gate_condition)
 from scsa_ops import SCSA, SCSAFunction, backends
 from scsa_ops.function import PARAM_NAMES
@@ -25,10 +25,6 @@ CONFIGS = [
     (dict(dim=32, attn_drop_ratio=0.3), (2, 32, 9, 9)),             # eval mode: dropout is identity
 ]
 
-
-@pytest.fixture(params=FUSED, ids=[b for b, _ in FUSED])
-def fused_on(request):
-    return request.param
 
 
 def _ids(configs):

@@ -1,14 +1,55 @@
-"""The Triton provider's forward (DESIGN.md section 2): five launches, one per pass, in order."""
+"""The Triton provider's forward (DESIGN.md section 2): five launches, one per pass, in order.
+Parameters holding NaN or Inf take the eager module's op sequence instead (see _eager)."""
+import weakref
 from typing import Optional
 
+import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
+from ...reference import forward_parts
 from ..library import acc_dtype
 from .apply_gates import apply_gates
 from .channel_attention import channel_attention
 from .gated_pool import gated_pool
 from .pool import pool
 from .spatial_gate import spatial_gate
+from .utils import alloc_like
+
+# Per parameter set, keyed by the id of its first tensor while that tensor lives: the (id, version)
+# of every tensor last checked, and whether all were finite. Reading the answer of a check waits for
+# the GPU, so it runs again only after a parameter was written (its version counter moved) or
+# swapped for another tensor.
+_checked = {}
+
+
+def _parameters_finite(params):
+    if torch.compiler.is_compiling() or any(is_fake(t) for t in params):
+        return True  # a traced graph cannot branch on values (README: no silent wrong results)
+    if any(t.is_inference() for t in params):  # no version counter to cache by
+        return bool(torch.stack([t.isfinite().all() for t in params]).all())
+    key, state = id(params[0]), [(id(t), t._version) for t in params]
+    seen = _checked.get(key)
+    if seen is None or seen[0] != state:
+        if seen is None:
+            weakref.finalize(params[0], _checked.pop, key, None)
+        seen = _checked[key] = (state, bool(torch.stack([t.detach().isfinite().all() for t in params]).all()))
+    return seen[1]
+
+
+def _eager(x, conv_w, conv_b, norms, qkv_w, qkv_b, head_num, kh, kw, softmax):
+    """The eager module's own op sequence (reference.forward_parts) in x's dtype, as the eager
+    module converted to it would run it, with the outputs of the fused forward: where NaN and Inf
+    go depends on how each op is written (and on fp16's range), and for non-finite parameters they
+    must go where the eager module's do."""
+    acc, dt = acc_dtype(x.dtype), x.dtype
+    global_pool = (kh, kw) == tuple(x.shape[2:])
+    a_h, a_w, _, y, o, out = forward_parts(
+        x, [w.to(dt) for w in conv_w], [b.to(dt) for b in conv_b], *[(w.to(dt), b.to(dt)) for w, b in norms],
+        [w.to(dt) for w in qkv_w], [None if b is None else b.to(dt) for b in qkv_b], head_num,
+        -1 if global_pool else kh, "avg_pool", "softmax" if softmax else "sigmoid")
+    xa = x.to(acc)
+    return [alloc_like(x).copy_(out), xa.sum(3), xa.sum(2)[None], a_h.to(acc), a_w.to(acc), y.to(acc), o.to(acc)]
 
 
 def forward(x: Tensor, conv_w: list[Tensor], conv_b: list[Tensor], norm_h_w: Tensor, norm_h_b: Tensor,
@@ -16,6 +57,11 @@ def forward(x: Tensor, conv_w: list[Tensor], conv_b: list[Tensor], norm_h_w: Ten
             v_w: Tensor, q_b: Optional[Tensor], k_b: Optional[Tensor], v_b: Optional[Tensor], head_num: int,
             kh: int, kw: int, softmax: bool, eps: float) -> list[Tensor]:
     """The op scsa_triton::forward (schema of scsa_cpp::forward): [out, p_h, p_w, a_h, a_w, Y, o]."""
+    norms = ((norm_h_w, norm_h_b), (norm_w_w, norm_w_b), (norm_w, norm_b))
+    params = [*conv_w, *conv_b, *[t for n in norms for t in n], q_w, k_w, v_w]
+    params += [b for b in (q_b, k_b, v_b) if b is not None]
+    if not _parameters_finite(params):
+        return _eager(x, conv_w, conv_b, norms, (q_w, k_w, v_w), (q_b, k_b, v_b), head_num, kh, kw, softmax)
     kernel_sizes = [w.shape[-1] for w in conv_w]
     ph, pw = pool(x, acc_dtype(x.dtype))
     ah, aw = spatial_gate(ph, pw, conv_w, conv_b, (norm_h_w, norm_h_b), (norm_w_w, norm_w_b), kernel_sizes,
