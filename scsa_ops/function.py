@@ -10,12 +10,14 @@ small tensors, which also yields every parameter gradient.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Tuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
-from .reference import EPS, channel_attention_logits, channel_gate, spatial_gate, window_of
+from .reference import EPS, channel_attention_logits, channel_gate, forward_parts, spatial_gate, window_of
 
 # Order of the parameter tensors passed to SCSAFunction (qkv biases may be None).
 PARAM_NAMES = (
@@ -56,6 +58,44 @@ def _forward(x, provider, cfg, params):
         return window, provider.forward(x, Params(params), cfg, window, EPS)
 
 
+# Per parameter set, keyed by the id of its first tensor while that tensor lives: the (id, version)
+# of every tensor last checked, and whether all were finite. Reading the answer of a check waits for
+# the GPU, so it runs again only after a parameter was written (its version counter moved) or
+# swapped for another tensor.
+_checked = {}
+
+
+def parameters_finite(params):
+    """Whether every tensor of `params` is finite (True while tracing: a graph cannot branch on
+    values)."""
+    if torch.compiler.is_compiling() or any(is_fake(t) for t in params):
+        return True
+    if any(t.is_inference() for t in params):  # no version counter to cache by
+        return bool(torch.stack([t.isfinite().all() for t in params]).all())
+    key, state = id(params[0]), [(id(t), t._version) for t in params]
+    seen = _checked.get(key)
+    if seen is None or seen[0] != state:
+        if seen is None:
+            weakref.finalize(params[0], _checked.pop, key, None)
+        seen = _checked[key] = (state, bool(torch.stack([t.detach().isfinite().all() for t in params]).all()))
+    return seen[1]
+
+
+def _eager_backward(x, params, cfg, g, needs_input_grad):
+    """The eager module's own backward, in x's dtype: with a non-finite parameter the forward ran the
+    eager ops (the providers' forward), and where NaN and Inf go in the gradients depends just as
+    much on how each op is written, and on fp16's range."""
+    x = x.detach().requires_grad_(needs_input_grad)
+    leaves = [None if t is None else t.detach().requires_grad_() for t in params]
+    with torch.enable_grad():
+        p = Params([None if t is None else t.to(x.dtype) for t in leaves])
+        out = forward_parts(x, p.conv_w, p.conv_b, p.norm_h, p.norm_w, p.norm, p.qkv_w, p.qkv_b, cfg.head_num,
+                            cfg.window_size, "avg_pool", cfg.gate)[-1]
+        wanted = [t for t in [x, *leaves] if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, g))
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in [x, *leaves])
+
+
 _SPATIAL = PARAM_NAMES.index("norm.weight")  # params[:_SPATIAL] feed the spatial gates, the rest the channel gate
 
 
@@ -76,6 +116,9 @@ class SCSAFunction(torch.autograd.Function):
                                "penalties, meta-learning); use backend='eager' for this model")
         x, ph, pw, ah, aw, y, o, *params = ctx.saved_tensors
         cfg, provider, (kh, kw) = ctx.cfg, ctx.provider, ctx.window
+        if not parameters_finite([t for t in params if t is not None]):
+            dx, *grads = _eager_backward(x, params, cfg, g, ctx.needs_input_grad[0])
+            return (dx, None, None, *grads)
         H, W = x.shape[2:]
         ho, wo = H // kh, W // kw
         acc = ah.dtype

@@ -85,8 +85,7 @@ def test_fuzz_nonfinite(backend, device):
         for _ in range(n_input):
             x.view(-1)[data.draw(st.integers(0, x.numel() - 1))] = data.draw(value)
         names = [n for n, _ in eager.named_parameters()]
-        n_params = data.draw(st.integers(0 if n_input else 1, 2), label="non-finite parameter elements")
-        for _ in range(n_params):
+        for _ in range(data.draw(st.integers(0 if n_input else 1, 2), label="non-finite parameter elements")):
             name = data.draw(st.sampled_from(names))
             i = data.draw(st.integers(0, eager.get_parameter(name).numel() - 1))
             v = data.draw(value)
@@ -96,12 +95,6 @@ def test_fuzz_nonfinite(backend, device):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         expected = forward_backward(eager, x, go)
-        actual = forward_backward(fused, x, go)
-        # With a non-finite parameter the forward runs the eager ops in x's dtype, but the backward
-        # differentiates in fp32: an fp16/bf16 overflow or underflow that turns into inf * 0 in the
-        # eager module's own backward is not reproduced there (README: no silent wrong results).
-        if n_params and dtype in (torch.float16, torch.bfloat16):
-            expected, actual = expected[:1], actual[:1]
-        assert not nonfinite_mismatches(actual, expected)
+        assert not nonfinite_mismatches(forward_backward(fused, x, go), expected)
 
     check()

@@ -1,12 +1,10 @@
 """The Triton provider's forward (DESIGN.md section 2): five launches, one per pass, in order.
 Parameters holding NaN or Inf take the eager module's op sequence instead (see _eager)."""
-import weakref
 from typing import Optional
 
-import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
+from ...function import parameters_finite
 from ...reference import forward_parts
 from ..library import acc_dtype
 from .apply_gates import apply_gates
@@ -15,27 +13,6 @@ from .gated_pool import gated_pool
 from .pool import pool
 from .spatial_gate import spatial_gate
 from .utils import alloc_like
-
-# Per parameter set, keyed by the id of its first tensor while that tensor lives: the (id, version)
-# of every tensor last checked, and whether all were finite. Reading the answer of a check waits for
-# the GPU, so it runs again only after a parameter was written (its version counter moved) or
-# swapped for another tensor.
-_checked = {}
-
-
-def _parameters_finite(params):
-    if torch.compiler.is_compiling() or any(is_fake(t) for t in params):
-        return True  # a traced graph cannot branch on values (README: no silent wrong results)
-    if any(t.is_inference() for t in params):  # no version counter to cache by
-        return bool(torch.stack([t.isfinite().all() for t in params]).all())
-    key, state = id(params[0]), [(id(t), t._version) for t in params]
-    seen = _checked.get(key)
-    if seen is None or seen[0] != state:
-        if seen is None:
-            weakref.finalize(params[0], _checked.pop, key, None)
-        seen = _checked[key] = (state, bool(torch.stack([t.detach().isfinite().all() for t in params]).all()))
-    return seen[1]
-
 
 def _eager(x, conv_w, conv_b, norms, qkv_w, qkv_b, head_num, kh, kw, softmax):
     """The eager module's own op sequence (reference.forward_parts) in x's dtype, as the eager
@@ -60,7 +37,7 @@ def forward(x: Tensor, conv_w: list[Tensor], conv_b: list[Tensor], norm_h_w: Ten
     norms = ((norm_h_w, norm_h_b), (norm_w_w, norm_w_b), (norm_w, norm_b))
     params = [*conv_w, *conv_b, *[t for n in norms for t in n], q_w, k_w, v_w]
     params += [b for b in (q_b, k_b, v_b) if b is not None]
-    if not _parameters_finite(params):
+    if not parameters_finite(params):
         return _eager(x, conv_w, conv_b, norms, (q_w, k_w, v_w), (q_b, k_b, v_b), head_num, kh, kw, softmax)
     kernel_sizes = [w.shape[-1] for w in conv_w]
     ph, pw = pool(x, acc_dtype(x.dtype))
