@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench fuzz clean
+.PHONY: install test bench fuzz lint clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ bench: $(STAMP)
 # The long hypothesis profile (thousands of cases against the reference); `make test` runs a fast one.
 fuzz: $(STAMP)
 	SCSA_FUZZ=long $(PY) -m pytest -q tests/test_fuzz.py
+
+# ruff (pyproject.toml [tool.ruff]) over the Python, clang-format (.clang-format) over csrc/.
+lint: $(STAMP)
+	$(PY) -m pip install -q "ruff==0.17.6" "clang-format==23.1.5"
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/out

@@ -59,7 +59,7 @@ def bench_model(name, batch, size, device, amp, channels_last, reps, compile_):
         return run
 
     fns = {k: call(m) for k, m in models.items()}
-    for k, fn in common.progress(list(fns.items()), f"{name}: warm-up/compile"):
+    for _, fn in common.progress(list(fns.items()), f"{name}: warm-up/compile"):
         fn()
     ms = common.time_all(fns, device, reps, rounds=min(reps, 5))
     row = dict(model=name, batch=batch, size=size, amp=amp, channels_last=channels_last, fused_backend=backend,
@@ -123,7 +123,8 @@ def main(argv=None):
                                 compile_))
         r = rows[-1]
         common.log(f"{name}: plain {common.fmt(r['plain_images_per_s'], '.1f')} img/s, SCSA eager "
-                   f"{common.fmt(r['scsa_eager_images_per_s'], '.1f')}, fused {common.fmt(r['scsa_fused_images_per_s'], '.1f')}")
+                   f"{common.fmt(r['scsa_eager_images_per_s'], '.1f')}, "
+                   f"fused {common.fmt(r['scsa_fused_images_per_s'], '.1f')}")
     print_table(rows, machine)
     payload = dict(benchmark="model", machine=machine,
                    settings=dict(batch=batch, size=args.size, reps=reps, amp=args.amp,

@@ -9,7 +9,7 @@ namespace {
 
 template <typename A>
 struct Gates {
-  const A *ah, *aw, *ac;  // (B, C, H), (B, C, W), (B, C)
+  const A *ah, *aw, *ac;    // (B, C, H), (B, C, W), (B, C)
   const A *dy, *dph, *dpw;  // input grad only: (B, C, HO, WO) already / (KH KW), (B, C, H), (B, C, W)
   int64_t H, W, kh, kw;
 };
@@ -42,9 +42,8 @@ void apply_nchw(const T* src, T* dst, const Gates<acc_t<T>>& g, int64_t planes) 
             store(d + w, dxs * a_h * V::loadu(col.data() + w, n) + dph + V::loadu(dpw + w, n), n);
           });
         } else {
-          for_lanes<A>(W, [&](int64_t w, int64_t n) {
-            store(d + w, load(s + w, n) * a_h * V::loadu(col.data() + w, n), n);
-          });
+          for_lanes<A>(
+              W, [&](int64_t w, int64_t n) { store(d + w, load(s + w, n) * a_h * V::loadu(col.data() + w, n), n); });
         }
       }
     }
@@ -59,7 +58,10 @@ void apply_nhwc(const T* src, T* dst, const Gates<acc_t<T>>& g, int64_t B, int64
   using V = Vectorized<A>;
   const int64_t H = g.H, W = g.W, ho = H / g.kh, wo = W / g.kw;
   const int64_t cb = std::min(C, kChannelBlock), nblk = (C + cb - 1) / cb;
-  const int64_t rows = 16, bands = (H + rows - 1) / rows;
+  // Rows per task: each task stages the gates of its channel block (W x 64 values) once, and 16
+  // rows of work amortise that while keeping tasks for two threads at 7x7.
+  constexpr int64_t rows = 16;
+  const int64_t bands = (H + rows - 1) / rows;
   at::parallel_for(0, B * nblk * bands, grain(rows * W * cb), [&](int64_t begin, int64_t end) {
     std::vector<A> col(W * cb), row(cb), ac(cb), dph(cb), dpw(kInputGrad ? W * cb : 0), up(kInputGrad ? wo * cb : 0);
     for (int64_t t = begin; t < end; ++t) {
@@ -128,15 +130,23 @@ void apply_gates(Forward& f, int64_t b0, int64_t nb) {
     using A = scalar_t;
     std::vector<A> ac(nb * C);
     channel_gate(f.o.const_data_ptr<A>() + b0 * C, ac.data(), nb, C, f.softmax);
-    const Gates<A> g{f.ah.const_data_ptr<A>() + b0 * C * f.H, f.aw.const_data_ptr<A>() + b0 * C * f.W, ac.data(),
-                     nullptr, nullptr, nullptr, f.H, f.W, 1, 1};
+    const Gates<A> g{f.ah.const_data_ptr<A>() + b0 * C * f.H,
+                     f.aw.const_data_ptr<A>() + b0 * C * f.W,
+                     ac.data(),
+                     nullptr,
+                     nullptr,
+                     nullptr,
+                     f.H,
+                     f.W,
+                     1,
+                     1};
     dispatch<false>(f.x, f.out, f.channels_last, g, b0, nb, C);
   });
 }
 
-Tensor input_grad(const Tensor& g_in, const Tensor& x_in, const Tensor& ah_in, const Tensor& aw_in,
-                  const Tensor& o_in, const Tensor& dy_in, const Tensor& dph_in, const Tensor& dpw_in, int64_t kh,
-                  int64_t kw, bool softmax) {
+Tensor input_grad(const Tensor& g_in, const Tensor& x_in, const Tensor& ah_in, const Tensor& aw_in, const Tensor& o_in,
+                  const Tensor& dy_in, const Tensor& dph_in, const Tensor& dpw_in, int64_t kh, int64_t kw,
+                  bool softmax) {
   check_x(x_in, "x");
   check_window(x_in, kh, kw);
   auto [x, channels_last] = dense(x_in);
@@ -152,8 +162,16 @@ Tensor input_grad(const Tensor& g_in, const Tensor& x_in, const Tensor& ah_in, c
     using A = scalar_t;
     std::vector<A> ac(B * C);
     channel_gate(o.const_data_ptr<A>(), ac.data(), B, C, softmax);
-    const Gates<A> gates{ah.const_data_ptr<A>(), aw.const_data_ptr<A>(), ac.data(), dy.const_data_ptr<A>(),
-                         dph.const_data_ptr<A>(), dpw.const_data_ptr<A>(), H, W, kh, kw};
+    const Gates<A> gates{ah.const_data_ptr<A>(),
+                         aw.const_data_ptr<A>(),
+                         ac.data(),
+                         dy.const_data_ptr<A>(),
+                         dph.const_data_ptr<A>(),
+                         dpw.const_data_ptr<A>(),
+                         H,
+                         W,
+                         kh,
+                         kw};
     dispatch<true>(g, dx, channels_last, gates, 0, B, C);
   });
   return dx;

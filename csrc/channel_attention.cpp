@@ -15,6 +15,8 @@
 namespace scsa {
 namespace {
 
+// Query rows per task: a task stages its head's K^T once, so rows share that cost; 64 still gives
+// two threads several tasks per head at the ResNet widths (D >= 64).
 constexpr int64_t kRowsPerTask = 64;
 constexpr int64_t kBlock = 8;  // key vectors scored together
 
@@ -62,14 +64,14 @@ struct Affine {  // per sample: the GroupNorm mean; per (sample, channel): alpha
 };
 
 template <typename A>
-void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, const A* wq, const A* wk,
-                            const A* wv, const A* bq, const A* bk, const A* bv, int64_t B, int64_t C,
-                            int64_t N, int64_t heads, A eps) {
+void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, const A* wq, const A* wk, const A* wv,
+                            const A* bq, const A* bk, const A* bv, int64_t B, int64_t C, int64_t N, int64_t heads,
+                            A eps) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   const int64_t D = C / heads, Dp = (D + L - 1) / L * L;
-  Affine<A> f{std::vector<A>(B), std::vector<A>(B * C), std::vector<A>(B * C), std::vector<A>(B * C),
-              std::vector<A>(B * C), std::vector<A>(B * C)};
+  Affine<A> f{std::vector<A>(B),     std::vector<A>(B * C), std::vector<A>(B * C),
+              std::vector<A>(B * C), std::vector<A>(B * C), std::vector<A>(B * C)};
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const A* yb = y + b * C * N;
@@ -98,7 +100,7 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
     }
   });
   const int64_t chunks = (D + kRowsPerTask - 1) / kRowsPerTask;
-  const A q_scale = A(1.44269504088896340736) / std::sqrt(A(D));  // log2(e) / sqrt(D)
+  const A q_scale = A(kLog2e) / std::sqrt(A(D));
   // A row is normalised against an upper bound of its max, sum_n max_j(q_n K[n, j]), so scores,
   // exponentials and sums take one pass (the bound is the exact max when N == 1, as for 7x7 maps
   // with a 7x7 window). If the bound overshoots so far that every term underflows, the row is redone
@@ -110,9 +112,9 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
     std::vector<A> kt(N * Dp), vbar(Dp), kmax(N), kmin(N), q(N);
     Moments mom{};
     bool done[kRowsPerTask];  // rank one: rows the power series answered
-    // Added to the last vector of scores: padding lanes get -1e30, so exp2() makes them 0.
+    // Added to the last vector of scores: padding lanes get kPadScore, so exp2() makes them 0.
     alignas(64) A tail[L];
-    for (int64_t l = 0; l < L; ++l) tail[l] = (Dp - L + l) < D ? A(0) : A(-1e30);
+    for (int64_t l = 0; l < L; ++l) tail[l] = (Dp - L + l) < D ? A(0) : A(kPadScore);
     const V tail_v = V::loadu(tail);
     // Scores of NU key vectors at once (NU a constant, so they stay in registers): independent
     // accumulators let the N-long fmadd chains (and, for N == 1, the exponentials) overlap.
@@ -166,7 +168,7 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
       num = reduce_sum(vn), den = reduce_sum(vd);
     };
     auto row_max = [&]() {
-      V mx(A(-1e30));
+      V mx(static_cast<A>(kPadScore));
       for_blocks(A(0), [&](int64_t, auto nu, const V* s) {
         for (int u = 0; u < decltype(nu)::value; ++u) mx = at::vec::maximum(mx, s[u]);
       });
@@ -185,11 +187,11 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
           vbar[j] = f.vbar[i];
         }
         for (int64_t n = 0; n < N; ++n) {
-          V mx(A(-1e30)), mn(A(1e30));
+          V mx(static_cast<A>(kPadScore)), mn(A(-kPadScore));
           for_lanes<A>(D, [&](int64_t j, int64_t m) {
             const V k = V::loadu(kt.data() + n * Dp + j);
-            mx = at::vec::maximum(mx, V::set(V(A(-1e30)), k, m));
-            mn = at::vec::minimum(mn, V::set(V(A(1e30)), k, m));
+            mx = at::vec::maximum(mx, V::set(V(A(kPadScore)), k, m));
+            mn = at::vec::minimum(mn, V::set(V(A(-kPadScore)), k, m));
           });
           kmax[n] = reduce_max(mx), kmin[n] = -reduce_max(-mn);
         }
@@ -237,9 +239,9 @@ void channel_attention(Forward& f, int64_t b0, int64_t nb) {
   AT_DISPATCH_FLOATING_TYPES(f.y.scalar_type(), "scsa_channel_attention", [&] {
     using A = scalar_t;
     auto ptr = [](const Tensor& t) { return t.defined() ? t.const_data_ptr<A>() : nullptr; };
-    channel_attention_impl<A>(ptr(f.y) + b0 * C * N, f.o.data_ptr<A>() + b0 * C, ptr(f.norm_weight),
-                              ptr(f.norm_bias), ptr(f.q_weight), ptr(f.k_weight), ptr(f.v_weight), ptr(f.q_bias),
-                              ptr(f.k_bias), ptr(f.v_bias), nb, C, N, f.head_num, A(f.eps));
+    channel_attention_impl<A>(ptr(f.y) + b0 * C * N, f.o.data_ptr<A>() + b0 * C, ptr(f.norm_weight), ptr(f.norm_bias),
+                              ptr(f.q_weight), ptr(f.k_weight), ptr(f.v_weight), ptr(f.q_bias), ptr(f.k_bias),
+                              ptr(f.v_bias), nb, C, N, f.head_num, A(f.eps));
   });
 }
 

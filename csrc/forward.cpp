@@ -12,8 +12,8 @@ std::vector<Tensor> forward(const Tensor& x_in, at::TensorList conv_weights, at:
                             const Tensor& norm_w_bias, const Tensor& norm_weight, const Tensor& norm_bias,
                             const Tensor& q_weight, const Tensor& k_weight, const Tensor& v_weight,
                             const std::optional<Tensor>& q_bias, const std::optional<Tensor>& k_bias,
-                            const std::optional<Tensor>& v_bias, int64_t head_num, int64_t kh, int64_t kw,
-                            bool softmax, double eps) {
+                            const std::optional<Tensor>& v_bias, int64_t head_num, int64_t kh, int64_t kw, bool softmax,
+                            double eps) {
   check_x(x_in, "x");
   check_window(x_in, kh, kw);
   Forward f;
@@ -30,8 +30,8 @@ std::vector<Tensor> forward(const Tensor& x_in, at::TensorList conv_weights, at:
   const auto acc = acc_dtype(f.x.scalar_type());
   for (int i = 0; i < 4; ++i) {
     const auto& w = conv_weights[i];
-    TORCH_CHECK(w.dim() == 3 && w.size(0) == G && w.size(1) == 1 && w.size(2) % 2 == 1,
-                "scsa_cpp: conv weight ", i, " must be (", G, ", 1, odd k), got ", w.sizes());
+    TORCH_CHECK(w.dim() == 3 && w.size(0) == G && w.size(1) == 1 && w.size(2) % 2 == 1, "scsa_cpp: conv weight ", i,
+                " must be (", G, ", 1, odd k), got ", w.sizes());
     f.kernel_sizes.push_back(w.size(2));
     f.conv_w.push_back(param(w, "conv weight", G * w.size(2), acc));
     f.conv_b.push_back(param(conv_biases[i], "conv bias", G, acc));

@@ -14,13 +14,12 @@ struct Sums {
 };
 
 template <typename T>
-void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, const Sums& out,
-                     int64_t planes, int64_t H, int64_t W, int64_t kh, int64_t kw) {
+void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, const Sums& out, int64_t planes,
+                     int64_t H, int64_t W, int64_t kh, int64_t kw) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh, wc = wo * kw;
-  A *R = static_cast<A*>(out.r), *S = static_cast<A*>(out.s), *U = static_cast<A*>(out.u),
-    *Vs = static_cast<A*>(out.v);
+  A *R = static_cast<A*>(out.r), *S = static_cast<A*>(out.s), *U = static_cast<A*>(out.u), *Vs = static_cast<A*>(out.v);
   at::parallel_for(0, planes, grain(2 * H * W), [&](int64_t begin, int64_t end) {
     std::vector<A> xaw(W);
     for (int64_t p = begin; p < end; ++p) {
@@ -60,14 +59,13 @@ void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
 }
 
 template <typename T>
-void gate_grads_nhwc(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, const Sums& out,
-                     int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw) {
+void gate_grads_nhwc(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, const Sums& out, int64_t B,
+                     int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh, wc = wo * kw;
   const int64_t cb = std::min(C, kChannelBlock), nblk = (C + cb - 1) / cb;
-  A *R = static_cast<A*>(out.r), *S = static_cast<A*>(out.s), *U = static_cast<A*>(out.u),
-    *Vs = static_cast<A*>(out.v);
+  A *R = static_cast<A*>(out.r), *S = static_cast<A*>(out.s), *U = static_cast<A*>(out.u), *Vs = static_cast<A*>(out.v);
   // Tasks: (sample, channel block, window row); accumulators are [position][channel] like X.
   at::parallel_for(0, B * nblk * hc, grain(2 * kh * W * cb), [&](int64_t begin, int64_t end) {
     std::vector<A> aw_t(W * cb), ah_t(cb), r(cb), s(W * cb), v(wc * cb), u(wo * cb);

@@ -11,8 +11,8 @@ namespace {
 // One window row of one plane, NV vectors of columns at a time: the row sums stay in registers
 // while the kh rows stream past (a store/load round trip per row would bound small planes).
 template <int NV, typename T>
-void window_row(const T* rows, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>* weighted, int64_t W,
-                int64_t wc, int64_t kh) {
+void window_row(const T* rows, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>* weighted, int64_t W, int64_t wc,
+                int64_t kh) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -61,8 +61,8 @@ struct WindowSums {
 #endif
 
 template <typename T>
-void gated_pool_nchw(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>* y, int64_t planes,
-                     int64_t H, int64_t W, int64_t kh, int64_t kw) {
+void gated_pool_nchw(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>* y, int64_t planes, int64_t H,
+                     int64_t W, int64_t kh, int64_t kw) {
   using A = acc_t<T>;
   constexpr int64_t L = Vectorized<A>::size();
   const int64_t ho = H / kh, wo = W / kw, wc = wo * kw;  // wc: columns covered by windows
@@ -102,8 +102,8 @@ void gated_pool_nchw(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T
 }
 
 template <typename T>
-void gated_pool_nhwc(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>* y, int64_t B, int64_t C,
-                     int64_t H, int64_t W, int64_t kh, int64_t kw) {
+void gated_pool_nhwc(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>* y, int64_t B, int64_t C, int64_t H,
+                     int64_t W, int64_t kh, int64_t kw) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   const int64_t ho = H / kh, wo = W / kw, wc = wo * kw;

@@ -9,13 +9,15 @@
 #define SCSA_STR(x) SCSA_STR_(x)
 
 TORCH_LIBRARY(scsa_cpp, m) {
-  m.def("forward(Tensor x, Tensor[] conv_weights, Tensor[] conv_biases, Tensor norm_h_weight, Tensor norm_h_bias, "
-        "Tensor norm_w_weight, Tensor norm_w_bias, Tensor norm_weight, Tensor norm_bias, Tensor q_weight, "
-        "Tensor k_weight, Tensor v_weight, Tensor? q_bias, Tensor? k_bias, Tensor? v_bias, int head_num, int kh, "
-        "int kw, bool softmax, float eps) -> Tensor[]");
+  m.def(
+      "forward(Tensor x, Tensor[] conv_weights, Tensor[] conv_biases, Tensor norm_h_weight, Tensor norm_h_bias, "
+      "Tensor norm_w_weight, Tensor norm_w_bias, Tensor norm_weight, Tensor norm_bias, Tensor q_weight, "
+      "Tensor k_weight, Tensor v_weight, Tensor? q_bias, Tensor? k_bias, Tensor? v_bias, int head_num, int kh, "
+      "int kw, bool softmax, float eps) -> Tensor[]");
   m.def("gate_grads(Tensor g, Tensor x, Tensor ah, Tensor aw, int kh, int kw) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("input_grad(Tensor g, Tensor x, Tensor ah, Tensor aw, Tensor o, Tensor dy, Tensor dph, Tensor dpw, "
-        "int kh, int kw, bool softmax) -> Tensor");
+  m.def(
+      "input_grad(Tensor g, Tensor x, Tensor ah, Tensor aw, Tensor o, Tensor dy, Tensor dph, Tensor dpw, "
+      "int kh, int kw, bool softmax) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(scsa_cpp, CPU, m) {

@@ -93,14 +93,19 @@ inline A reduce_sum(const Vectorized<A>& v) {
 
 template <typename A>
 inline A reduce_max(const Vectorized<A>& v) {
-  return at::vec::vec_reduce_all<A>(
-      [](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::maximum(a, b); }, v);
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::maximum(a, b); }, v);
 }
+
+// Scores and logits are kept in log2 units (x * log2(e)) so that exponentials are exp2.
+constexpr double kLog2e = 1.44269504088896340736, kLn2 = 0.693147180559945309417;
+// The score of a padding lane and the start of a running max: exp2 turns it into exactly 0, and,
+// unlike -inf, subtracting it from itself is 0, not NaN.
+constexpr double kPadScore = -1e30;
 
 // 2^x, for the softmax terms whose count dominates a pass. On AVX512 fp32 it is round, a degree-6
 // polynomial of the fraction (a minimax fit: within 0.94 ulp with fp32 Horner steps) and
 // vscalefps: 9 instructions where exp_u20 takes ~19 (its clamps and integer exponent assembly).
-// Very negative x (the -1e30 used for padding lanes, -inf) gives 0, +inf gives inf and NaN stays
+// Very negative x (kPadScore, -inf) gives 0, +inf gives inf and NaN stays
 // NaN on every instruction set (at::vec's exp_u20 turns NaN into inf, so a NaN logit would
 // become a gate of 0 or 1: the NaN is put back).
 template <typename A>
@@ -118,7 +123,7 @@ inline Vectorized<A> exp2(const Vectorized<A>& x) {
     return _mm512_scalef_ps(p, n);
   }
 #endif
-  const Vectorized<A> e = (x * Vectorized<A>(A(0.693147180559945309417))).exp_u20();
+  const Vectorized<A> e = (x * Vectorized<A>(A(kLn2))).exp_u20();
   return Vectorized<A>::blendv(e, x, x.isnan());
 }
 
@@ -149,9 +154,7 @@ inline int64_t grain(int64_t elems_per_item) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
 }
 
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // X as one of the two layouts the passes handle. NCHW wins when a tensor is both (C == 1 or
 // H == W == 1); other strides are copied to NCHW. The outputs of apply_gates / input_grad use the
@@ -178,10 +181,9 @@ inline void check_x(const Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), "scsa_cpp: ", name, " must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, "scsa_cpp: ", name, " must be 4-D (B, C, H, W), got shape ", x.sizes());
   const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
-              "scsa_cpp: ", name, " must be float32, float64, bfloat16 or float16, got ", t);
-  TORCH_CHECK(x.size(1) % 4 == 0, "scsa_cpp: ", name, " must have a multiple of 4 channels, got ",
-              x.size(1));
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, "scsa_cpp: ", name,
+              " must be float32, float64, bfloat16 or float16, got ", t);
+  TORCH_CHECK(x.size(1) % 4 == 0, "scsa_cpp: ", name, " must have a multiple of 4 channels, got ", x.size(1));
 }
 
 // A small tensor of the accumulator dtype with exactly `sizes` (any strides: made contiguous).
@@ -195,16 +197,15 @@ inline Tensor check_small(const Tensor& t, const char* name, at::IntArrayRef siz
 // A parameter of `numel` values in the accumulator dtype, contiguous (passes index it flat).
 inline Tensor param(const Tensor& t, const char* name, int64_t numel, at::ScalarType acc) {
   TORCH_CHECK(t.device().is_cpu(), "scsa_cpp: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.numel() == numel, "scsa_cpp: ", name, " must have ", numel, " elements, got shape ",
-              t.sizes());
+  TORCH_CHECK(t.numel() == numel, "scsa_cpp: ", name, " must have ", numel, " elements, got shape ", t.sizes());
   // Every call converts ~20 parameters: skip the dispatcher when there is nothing to do.
   if (t.scalar_type() == acc && t.is_contiguous()) return t;
   return t.to(acc).contiguous();
 }
 
 inline void check_window(const Tensor& x, int64_t kh, int64_t kw) {
-  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= x.size(2) && kw <= x.size(3), "scsa_cpp: pooling window (",
-              kh, ", ", kw, ") must be >= 1 and fit the map ", x.sizes());
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= x.size(2) && kw <= x.size(3), "scsa_cpp: pooling window (", kh, ", ", kw,
+              ") must be >= 1 and fit the map ", x.sizes());
 }
 
 // Channel gate a_c (B, C) from the logits o (B, C): sigmoid, or softmax over the channels.
@@ -219,8 +220,9 @@ inline void channel_gate(const A* o, A* ac, int64_t B, int64_t C, bool softmax) 
       for (int64_t c = 0; c < C; ++c) a[c] /= s;
     } else {
       using V = Vectorized<A>;
-      const V to_log2(A(-1.44269504088896340736));
-      for_lanes<A>(C, [&](int64_t c, int64_t n) { (V(1) / (V(1) + exp2(V::loadu(ob + c, n) * to_log2))).store(a + c, n); });
+      const V to_log2(A(-kLog2e));
+      for_lanes<A>(
+          C, [&](int64_t c, int64_t n) { (V(1) / (V(1) + exp2(V::loadu(ob + c, n) * to_log2))).store(a + c, n); });
     }
   }
 }
@@ -254,11 +256,10 @@ std::vector<Tensor> forward(const Tensor& x, at::TensorList conv_weights, at::Te
                             const Tensor& norm_w_bias, const Tensor& norm_weight, const Tensor& norm_bias,
                             const Tensor& q_weight, const Tensor& k_weight, const Tensor& v_weight,
                             const std::optional<Tensor>& q_bias, const std::optional<Tensor>& k_bias,
-                            const std::optional<Tensor>& v_bias, int64_t head_num, int64_t kh, int64_t kw,
-                            bool softmax, double eps);
+                            const std::optional<Tensor>& v_bias, int64_t head_num, int64_t kh, int64_t kw, bool softmax,
+                            double eps);
 Tensor input_grad(const Tensor& g, const Tensor& x, const Tensor& ah, const Tensor& aw, const Tensor& o,
-                  const Tensor& dy, const Tensor& dph, const Tensor& dpw, int64_t kh, int64_t kw,
-                  bool softmax);
+                  const Tensor& dy, const Tensor& dph, const Tensor& dpw, int64_t kh, int64_t kw, bool softmax);
 std::tuple<Tensor, Tensor, Tensor, Tensor> gate_grads(const Tensor& g, const Tensor& x, const Tensor& ah,
                                                       const Tensor& aw, int64_t kh, int64_t kw);
 

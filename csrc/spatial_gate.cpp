@@ -20,8 +20,8 @@ struct Branch {
 };
 
 template <typename A>
-void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* conv_w, const A* conv_b,
-                int64_t K, bool softmax, A eps) {
+void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* conv_w, const A* conv_b, int64_t K,
+                bool softmax, A eps) {
   using V = Vectorized<A>;
   constexpr int64_t Lanes = V::size();
   const int64_t G = C / 4, L = br.L, c0 = grp * G, pad = K / 2, Lp = L + 2 * pad;
@@ -38,7 +38,8 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
   const V ones = V(0) == V(0), tail = V::set(V(0), ones, L - (Lv - Lanes));
   auto keep = [&](int64_t l) { return l + Lanes <= L ? ones : tail; };
   for (int64_t c = 0; c < G; ++c)
-    for_lanes<A>(L, [&](int64_t l, int64_t n) { V::loadu(sums + c * L + l, n).store(padded.data() + c * Lp + pad + l, n); });
+    for_lanes<A>(
+        L, [&](int64_t l, int64_t n) { V::loadu(sums + c * L + l, n).store(padded.data() + c * Lp + pad + l, n); });
   // The conv is linear: convolve the sums, scale to means once.
   const V inv_count(A(1) / A(br.count));
   V total(0);
@@ -66,7 +67,7 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
   // subtracted, not folded into the shift, whose rounding |mu| / std(z) would amplify. Softmax
   // logits stay in natural units until the row max is subtracted: a finite logit near the fp32
   // limit times log2(e) would overflow, and inf - inf is NaN where the eager module is finite.
-  const A to_log2 = A(1.44269504088896340736), to_neg_log2 = -to_log2;
+  const A to_log2 = A(kLog2e), to_neg_log2 = -to_log2;
   for (int64_t c = 0; c < G; ++c) {
     const A unit = softmax ? A(1) : to_neg_log2;
     const V scale(rstd * gw[c] * unit), shift(gb[c] * unit);
@@ -77,8 +78,8 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
       for_lanes<A>(L, [&](int64_t l, int64_t n) { (V(1) / (V(1) + exp2(logits(l)))).store(a + l, n); });
       continue;
     }
-    V mx(A(-1e30)), den(0);  // softmax over the length
-    for (int64_t l = 0; l < L; l += Lanes) mx = at::vec::maximum(mx, V::blendv(V(A(-1e30)), logits(l), keep(l)));
+    V mx(static_cast<A>(kPadScore)), den(0);  // softmax over the length
+    for (int64_t l = 0; l < L; l += Lanes) mx = at::vec::maximum(mx, V::blendv(V(A(kPadScore)), logits(l), keep(l)));
     const V row_max(reduce_max(mx)), log2e(to_log2);
     auto term = [&](int64_t l) { return exp2((logits(l) - row_max) * log2e); };
     for (int64_t l = 0; l < L; l += Lanes) den += term(l) & keep(l);
@@ -94,16 +95,18 @@ void spatial_gate(Forward& f, int64_t b0, int64_t nb) {
   AT_DISPATCH_FLOATING_TYPES(f.ph.scalar_type(), "scsa_spatial_gate", [&] {
     using A = scalar_t;
     const Branch branches[2] = {
-        {f.ph.const_data_ptr<A>() + b0 * C * H, H, W, f.norm_h_weight.const_data_ptr(),
-         f.norm_h_bias.const_data_ptr(), f.ah.data_ptr<A>() + b0 * C * H},
-        {f.pw.const_data_ptr<A>() + b0 * C * W, W, H, f.norm_w_weight.const_data_ptr(),
-         f.norm_w_bias.const_data_ptr(), f.aw.data_ptr<A>() + b0 * C * W},
+        {f.ph.const_data_ptr<A>() + b0 * C * H, H, W, f.norm_h_weight.const_data_ptr(), f.norm_h_bias.const_data_ptr(),
+         f.ah.data_ptr<A>() + b0 * C * H},
+        {f.pw.const_data_ptr<A>() + b0 * C * W, W, H, f.norm_w_weight.const_data_ptr(), f.norm_w_bias.const_data_ptr(),
+         f.aw.data_ptr<A>() + b0 * C * W},
     };
-    at::parallel_for(0, nb * 8, 1, [&](int64_t begin, int64_t end) {
+    // One task per (sample, channel group, branch): 4 groups x 2 branches per sample.
+    constexpr int64_t kTasksPerSample = 8;
+    at::parallel_for(0, nb * kTasksPerSample, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / 8, grp = t % 8 / 2;
-        gate_group<A>(branches[t % 2], b, grp, C, f.conv_w[grp].const_data_ptr<A>(),
-                      f.conv_b[grp].const_data_ptr<A>(), f.kernel_sizes[grp], f.softmax, A(f.eps));
+        const int64_t b = t / kTasksPerSample, grp = t % kTasksPerSample / 2;
+        gate_group<A>(branches[t % 2], b, grp, C, f.conv_w[grp].const_data_ptr<A>(), f.conv_b[grp].const_data_ptr<A>(),
+                      f.kernel_sizes[grp], f.softmax, A(f.eps));
       }
     });
   });

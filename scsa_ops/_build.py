@@ -13,6 +13,9 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NAME = "scsa_ops._C"
 JIT_NAME = "scsa_ops_C_jit"
 
+# The at::vec instruction sets we build for, narrowest first (a binary runs on any CPU that has its
+# set or a wider one).
+ISA_ORDER = ("DEFAULT", "AVX2", "AVX512")
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -24,7 +27,7 @@ def capability():
     """The at::vec capability to build for: torch's own choice on this machine (ATEN_CPU_CAPABILITY
     lowers it, as it does for torch)."""
     cap = torch.backends.cpu.get_cpu_capability()
-    return cap if cap in _ISA_FLAGS else "DEFAULT"
+    return cap if cap in ISA_ORDER else "DEFAULT"
 
 
 def sources():

@@ -31,7 +31,9 @@ def check_backend(backend):
     return backend
 
 
-def _env_backend():
+def env_backend():
+    """The backend SCSA_OPS_BACKEND names (overriding every module's), or None; a ValueError if it
+    names none."""
     env = os.environ.get(ENV_VAR)
     if env and env not in BACKENDS:
         raise ValueError(f"SCSA: the environment variable {ENV_VAR} names an unknown backend {env!r}; expected one "
@@ -51,10 +53,6 @@ def triton_provider():
     return _triton
 
 
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _triton_for(device):
     provider, why = triton_provider()
     if provider is None:
@@ -65,7 +63,9 @@ def _triton_for(device):
             return None, (f"the Triton kernels need a GPU of compute capability >= {MIN_CUDA_CAPABILITY}, "
                           f"{torch.cuda.get_device_name(device)} has {cap}")
         return provider, None
-    if device.type == "cpu" and interpreting():
+    from .ops.triton import utils  # imported with the provider above
+
+    if device.type == "cpu" and utils.INTERPRET:  # the mode triton.jit took when the kernels were defined
         return provider, None
     return None, (f"backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before triton is "
                   f"imported to run its kernels on the CPU; got a tensor on {device}")
@@ -88,7 +88,7 @@ def resolve(backend, device, fusable):
 
 @torch.compiler.assume_constant_result
 def _resolve_name(backend, device, fusable):
-    backend = _env_backend() or backend
+    backend = env_backend() or backend
     if backend == "eager" or not fusable:
         return None
     if backend == "auto":

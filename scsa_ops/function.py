@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -30,9 +29,9 @@ PARAM_NAMES = (
 
 @dataclass(frozen=True)
 class Config:
+    """What the ops take besides tensors (the kernel sizes come with the conv weights)."""
     head_num: int
     window_size: int
-    kernel_sizes: Tuple[int, int, int, int]
     gate: str
 
 

@@ -83,7 +83,7 @@ def check_config(dim, head_num, window_size, group_kernel_sizes, down_sample_mod
     return ks
 
 
-def check_input(module, x):
+def check_input(x, dim, window_size, param_device):
     """Shape/dtype/device checks shared by every backend, raised before any kernel runs."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"SCSA: expected a torch.Tensor, got {type(x).__name__}")
@@ -91,16 +91,17 @@ def check_input(module, x):
         raise ValueError(f"SCSA: expected a 4-D input (B, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"SCSA: expected a floating-point input (float16/bfloat16/float32/float64), got {x.dtype}")
-    if x.shape[1] != module.dim:
-        raise ValueError(f"SCSA: input has {x.shape[1]} channels but the module was built with dim={module.dim} "
+    if x.shape[1] != dim:
+        raise ValueError(f"SCSA: input has {x.shape[1]} channels but the module was built with dim={dim} "
                          f"(shape {tuple(x.shape)})")
     h, w = x.shape[2:]
-    if module.window_size != -1 and (h < module.window_size or w < module.window_size):
+    if window_size != -1 and (h < window_size or w < window_size):
         raise ValueError(f"SCSA: input spatial size {h}x{w} (shape {tuple(x.shape)}) is smaller than "
-                         f"window_size={module.window_size}; use a smaller window or window_size=-1")
-    # nn.Module.to moves every parameter together: one of them stands for all (this runs per call).
-    if module.norm.weight.device != x.device:
-        raise ValueError(f"SCSA: the parameters are on {module.norm.weight.device} but the input is on {x.device}")
+                         f"window_size={window_size}; use a smaller window or window_size=-1")
+    # nn.Module.to moves every parameter together: one of them stands for all (this runs per call;
+    # the fused paths check each parameter before a kernel reads it).
+    if param_device != x.device:
+        raise ValueError(f"SCSA: the parameters are on {param_device} but the input is on {x.device}")
 
 
 class SCSA(nn.Module):
@@ -146,7 +147,7 @@ class SCSA(nn.Module):
         return [getattr(self, n) for n in CONV_NAMES]
 
     def forward(self, x):
-        check_input(self, x)
+        check_input(x, self.dim, self.window_size, self.norm.weight.device)
         return self.eager_forward(x)
 
     def eager_forward(self, x):

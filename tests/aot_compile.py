@@ -92,7 +92,8 @@ def main(archs):
             regs, spill = spills(compiled.asm["ptx"], arch)
             consts_s = {k: str(v) for k, v in consts.items()}
             print(json.dumps(dict(kernel=name, sm=arch, num_warps=num_warps, regs=regs, spill_bytes=spill,
-                                  constexprs=consts_s, ptr_types=sorted({v for v in sig.values() if v.startswith("*")}))),
+                                  constexprs=consts_s,
+                                  ptr_types=sorted({v for v in sig.values() if v.startswith("*")}))),
                   flush=True)
 
 

@@ -4,15 +4,14 @@ import os
 
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
+if not torch.cuda.is_available():  # before anything imports triton (scsa_ops does)
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ["SCSA_OPS_POISON"] = "1"
 os.environ.pop("SCSA_OPS_BACKEND", None)
 
 import pytest  # noqa: E402
 
-from helpers import FUSED  # noqa: E402
+from helpers import FUSED, HAS_CUDA  # noqa: E402
 
 
 @pytest.fixture

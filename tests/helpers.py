@@ -3,7 +3,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from scsa_ops import SCSA
+from scsa_ops import SCSA, reference
+from scsa_ops.function import Params
 from scsa_ops.reference import SCSA as Reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -139,3 +140,29 @@ def nonfinite_mismatches(actual, expected):
     return [(what, a.isnan().sum().item(), a.isinf().sum().item(), e.isnan().sum().item(), e.isinf().sum().item())
             for (what, a), (_, e) in zip(actual, expected)
             if not (torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf()))]
+
+
+# torch.library.opcheck's utilities that apply to SCSAFunction's inside ops (the AOT-dispatch ones
+# would differentiate each op on its own, which they refuse by design).
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def forward_args(module, x):
+    """The arguments of the `forward` op (either namespace) for a module's configuration."""
+    p = Params(module.state_dict_params())
+    kh, kw = reference.window_of(module.window_size, *x.shape[2:])
+    return (x, p.conv_w, p.conv_b, *p.norm_h, *p.norm_w, *p.norm, *p.qkv_w, *p.qkv_b, module.head_num, kh, kw,
+            module.gate_layer == "softmax", reference.EPS)
+
+
+def opcheck_ops(ops, module, x):
+    """torch.library.opcheck of forward, gate_grads and input_grad of the namespace `ops`."""
+    args = forward_args(module, x)
+    kh, kw, softmax = args[-4:-1]
+    torch.library.opcheck(ops.forward.default, args, test_utils=OPCHECKS)
+    out, ph, pw, ah, aw, y, o = ops.forward(*args)
+    g = torch.randn_like(out)
+    torch.library.opcheck(ops.gate_grads.default, (g, x, ah, aw, kh, kw), test_utils=OPCHECKS)
+    dy, dph, dpw = torch.randn_like(y), torch.randn_like(ah), torch.randn_like(aw)
+    torch.library.opcheck(ops.input_grad.default, (g, x, ah, aw, o, dy, dph, dpw, kh, kw, softmax),
+                          test_utils=OPCHECKS)

@@ -14,10 +14,10 @@ requires_cpu = pytest.mark.skipif(HAS_CUDA, reason="CPU-only dispatch rules")
 def _spy(monkeypatch):
     """Counts SCSAFunction calls, i.e. fused launches of the whole op."""
     calls = []
-    from scsa_ops import module
+    from scsa_ops import functional
 
-    real = module.fused_scsa
-    monkeypatch.setattr(module, "fused_scsa", lambda *a: calls.append(a[3]) or real(*a))
+    real = functional.fused_scsa
+    monkeypatch.setattr(functional, "fused_scsa", lambda *a: calls.append(a[3]) or real(*a))
     return calls
 
 
@@ -55,7 +55,9 @@ def test_env_switch_turns_fused_off(monkeypatch):
 
 @requires_cpu
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from scsa_ops.ops.triton import utils
+
+    monkeypatch.setattr(utils, "INTERPRET", False)  # as if TRITON_INTERPRET had not been set at import
     with pytest.raises(RuntimeError, match="needs a CUDA tensor, or TRITON_INTERPRET=1"):
         SCSA(16, backend="triton")(torch.randn(1, 16, 14, 14))
 

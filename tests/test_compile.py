@@ -9,13 +9,10 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from helpers import HAS_CUDA, TOL, grad_err, pair, rel_err
+from helpers import HAS_CUDA, TOL, grad_err, opcheck_ops, pair, rel_err
 from kernels import LaunchRecorder
-from scsa_ops import reference
 from scsa_ops.backends import triton_provider
-from scsa_ops.function import Params
 
-OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
 # Inductor where the provider's ops are real kernels on this machine; the interpreted Triton ops
 # are traced the same way but run eagerly (aot_eager) to keep the interpreter's cost down.
 COMPILE_BACKEND = {"cpp": "inductor", "triton": "inductor" if HAS_CUDA else "aot_eager"}
@@ -80,16 +77,7 @@ def test_triton_opcheck(channels_last):
     x = torch.randn(2, 8, 9, 11, dtype=torch.float64, device=fused.norm.weight.device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    p = Params(fused.state_dict_params())
-    kh, kw = reference.window_of(fused.window_size, *x.shape[2:])
-    args = (x, p.conv_w, p.conv_b, *p.norm_h, *p.norm_w, *p.norm, *p.qkv_w, *p.qkv_b, 2, 3, 3, False, reference.EPS)
-    ops = torch.ops.scsa_triton
-    torch.library.opcheck(ops.forward.default, args, test_utils=OPCHECKS)
-    out, ph, pw, ah, aw, y, o = ops.forward(*args)
-    g = torch.randn_like(out)
-    torch.library.opcheck(ops.gate_grads.default, (g, x, ah, aw, kh, kw), test_utils=OPCHECKS)
-    dy, dph, dpw = torch.randn_like(y), torch.randn_like(ah), torch.randn_like(aw)
-    torch.library.opcheck(ops.input_grad.default, (g, x, ah, aw, o, dy, dph, dpw, kh, kw, True), test_utils=OPCHECKS)
+    opcheck_ops(torch.ops.scsa_triton, fused, x)
 
 
 TRACE = r"""

@@ -9,14 +9,10 @@ import sys
 import pytest
 import torch
 
-from helpers import TOL, grad_err, pair, rel_err, run
+from helpers import TOL, forward_args, opcheck_ops, pair, rel_err
 from scsa_ops import reference
-from scsa_ops.function import Params
 from scsa_ops.ops import cpp
 from scsa_ops.ops.library import output_format
-
-
-OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +20,6 @@ def provider():
     provider, why = cpp.load()
     assert provider is not None, why  # `make test` builds the extension: its absence is a failure
     return provider
-
-
-def _forward_args(module, x):
-    p = Params(module.state_dict_params())
-    kh, kw = reference.window_of(module.window_size, *x.shape[2:])
-    return (x, p.conv_w, p.conv_b, *p.norm_h, *p.norm_w, *p.norm, *p.qkv_w, *p.qkv_b, module.head_num, kh, kw,
-            module.gate_layer == "softmax", reference.EPS)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -41,7 +30,7 @@ def test_intermediates_match_reference(provider, channels_last):
     x = torch.randn(3, 16, 17, 15, dtype=torch.float64)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    out, ph, pw, ah, aw, y, o = torch.ops.scsa_cpp.forward(*_forward_args(fused, x))
+    out, ph, pw, ah, aw, y, o = torch.ops.scsa_cpp.forward(*forward_args(fused, x))
     convs = ref.convs()
     cw, cb = [c.weight for c in convs], [c.bias for c in convs]
     with torch.no_grad():
@@ -69,7 +58,7 @@ def test_channel_attention_blocks(provider, dim, head_num, shape):
     ref, fused = pair(dict(dim=dim, head_num=head_num, qkv_bias=True), backend="cpp", device="cpu")
     x = torch.randn(shape, dtype=torch.float64)
     for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-5)):
-        _, _, _, _, _, y, o = torch.ops.scsa_cpp.forward(*_forward_args(fused.to(dtype), x.to(dtype)))
+        _, _, _, _, _, y, o = torch.ops.scsa_cpp.forward(*forward_args(fused.to(dtype), x.to(dtype)))
         with torch.no_grad():
             o_r = reference.channel_attention_logits(y.double(), ref.norm.weight, ref.norm.bias,
                                                      (ref.q.weight, ref.k.weight, ref.v.weight),
@@ -90,7 +79,7 @@ def test_gated_pool_window_sums(provider, hw, window_size, dtype):
     sums with register permutes (rows of <= 64 columns, 3-16 windows) and one it sums in scalars."""
     _, fused = pair(dict(dim=8, window_size=window_size), backend="cpp", device="cpu")
     x = torch.randn(2, 8, *hw, dtype=torch.float64).to(dtype)
-    _, _, _, ah, aw, y, _ = torch.ops.scsa_cpp.forward(*_forward_args(fused.to(dtype), x))
+    _, _, _, ah, aw, y, _ = torch.ops.scsa_cpp.forward(*forward_args(fused.to(dtype), x))
     want = torch.nn.functional.avg_pool2d(x.double() * ah.double()[..., None] * aw.double()[:, :, None],
                                           window_size)
     assert rel_err(y, want) < 1e-6
@@ -108,7 +97,7 @@ def test_rank_one_attention(provider, shape, window_size):
         ref.q.weight.copy_(torch.linspace(0, 60, 512).view(512, 1, 1, 1)[torch.randperm(512)])
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(shape, dtype=torch.float64)
-    _, _, _, _, _, y, o = torch.ops.scsa_cpp.forward(*_forward_args(fused.float(), x.float()))
+    _, _, _, _, _, y, o = torch.ops.scsa_cpp.forward(*forward_args(fused.float(), x.float()))
     with torch.no_grad():
         y = y.double()
         params = ((ref.q.weight, ref.k.weight, ref.v.weight), (ref.q.bias, ref.k.bias, ref.v.bias))
@@ -154,15 +143,7 @@ def test_opcheck(provider, cfg, shape, channels_last):
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     fused = fused.float()
-    args = _forward_args(fused, x)
-    torch.library.opcheck(torch.ops.scsa_cpp.forward.default, args, test_utils=OPCHECKS)
-    out, ph, pw, ah, aw, y, o = torch.ops.scsa_cpp.forward(*args)
-    g = torch.randn_like(x)
-    kh, kw = args[-4], args[-3]
-    torch.library.opcheck(torch.ops.scsa_cpp.gate_grads.default, (g, x, ah, aw, kh, kw), test_utils=OPCHECKS)
-    dy, dph, dpw = torch.randn_like(y), torch.randn_like(ah), torch.randn_like(aw)
-    torch.library.opcheck(torch.ops.scsa_cpp.input_grad.default, (g, x, ah, aw, o, dy, dph, dpw, kh, kw, False),
-                          test_utils=OPCHECKS)
+    opcheck_ops(torch.ops.scsa_cpp, fused, x)
 
 
 def test_fake_layout_rule():
@@ -176,7 +157,7 @@ def test_fake_layout_rule():
 def test_ops_check_their_inputs(provider):
     _, fused = pair(dict(dim=8), backend="cpp", device="cpu")
     x = torch.randn(1, 8, 14, 14, dtype=torch.float64)
-    args = list(_forward_args(fused, x))
+    args = list(forward_args(fused, x))
     with pytest.raises(RuntimeError, match="pooling window"):
         torch.ops.scsa_cpp.forward(*args[:-4], 15, 7, *args[-2:])
     args[1] = args[1][:3]
@@ -184,7 +165,7 @@ def test_ops_check_their_inputs(provider):
         torch.ops.scsa_cpp.forward(*args)
     with pytest.raises(RuntimeError, match="must be 4-D"):
         torch.ops.scsa_cpp.gate_grads(x[0], x[0], x, x, 7, 7)
-    _, _, _, ah, aw, _, _ = torch.ops.scsa_cpp.forward(*_forward_args(fused, x))
+    _, _, _, ah, aw, _, _ = torch.ops.scsa_cpp.forward(*forward_args(fused, x))
     with pytest.raises(RuntimeError, match="a_h must be Double"):
         torch.ops.scsa_cpp.gate_grads(x, x, ah.float(), aw, 7, 7)
 

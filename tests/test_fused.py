@@ -4,10 +4,18 @@ DESIGN.md. `fused_on` is the (backend, device) pair under test."""
 import pytest
 import torch
 
-from helpers import (TOL, assert_matches_reference, grad_err, input_rounding_errors, pair, rel_err, run,
-                     spatial_gate_condition)
-from scsa_ops import SCSA, SCSAFunction, backends
-from scsa_ops.function import PARAM_NAMES
+from helpers import (
+    TOL,
+    assert_matches_reference,
+    grad_err,
+    input_rounding_errors,
+    pair,
+    rel_err,
+    run,
+    spatial_gate_condition,
+)
+from scsa_ops import SCSA, backends
+from scsa_ops.function import PARAM_NAMES, SCSAFunction
 
 # (constructor kwargs, input shape)
 CONFIGS = [
@@ -36,9 +44,12 @@ def test_fp64_matches_reference(cfg, shape, fused_on):
     assert_matches_reference(cfg, shape, torch.float64, *fused_on)
 
 
+LOW_PRECISION = [CONFIGS[2], CONFIGS[5], CONFIGS[8]]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("cfg,shape", [CONFIGS[2], CONFIGS[5], CONFIGS[8]], ids=_ids([CONFIGS[2], CONFIGS[5], CONFIGS[8]]))
+@pytest.mark.parametrize("cfg,shape", LOW_PRECISION, ids=_ids(LOW_PRECISION))
 def test_low_precision(cfg, shape, dtype, channels_last, fused_on):
     """Output and input gradient keep the input's dtype and memory format; accuracy as
     helpers.assert_matches_reference."""
@@ -123,6 +134,22 @@ def test_non_dense_strides(fused_on):
     xr = x.clone().requires_grad_()
     ref(xr).sum().backward()
     assert rel_err(xf.grad, xr.grad) < 1e-12
+
+
+def test_dense_permuted_input_gives_contiguous_output(fused_on):
+    """One layout rule for every provider and the fakes: channels_last in -> channels_last out,
+    anything else -> contiguous. A dense permuted tensor (W and H swapped) once came back from the
+    Triton path with the input's permuted strides."""
+    backend, dev = fused_on
+    ref, fused = pair(dict(dim=16, head_num=2), backend=backend, device=dev)
+    x = torch.randn(2, 16, 23, 17, dtype=torch.float64, device=dev).transpose(2, 3)  # dense, not NCHW/NHWC
+    go = torch.randn(x.shape, dtype=torch.float64, device=dev)
+    out_r, dx_r, _ = run(ref, x, go)
+    xf = x.clone().requires_grad_()
+    out_f = fused(xf)
+    dx_f, = torch.autograd.grad(out_f, xf, go)  # the op's own dX (x.grad would take x's strides)
+    assert out_f.is_contiguous() and dx_f.is_contiguous()
+    assert rel_err(out_f, out_r) < 1e-12 and rel_err(dx_f, dx_r) < 1e-12
 
 
 def test_gradcheck_autograd_function(fused_on):

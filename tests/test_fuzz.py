@@ -10,8 +10,15 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from helpers import (FUSED, HAS_CUDA, assert_matches_reference, eager_and_fused, forward_backward, nonfinite_mismatches,
-                     spatial_gate_condition)
+from helpers import (
+    FUSED,
+    HAS_CUDA,
+    assert_matches_reference,
+    eager_and_fused,
+    forward_backward,
+    nonfinite_mismatches,
+    spatial_gate_condition,
+)
 
 # Examples per provider: the Triton interpreter costs ~100x the C++ path per case.
 EXAMPLES = {"fast": {"cpp": 40, "triton": 8}, "long": {"cpp": 3000, "triton": 400}}
@@ -40,7 +47,8 @@ def cases(draw, big):
     # whatever the conv outputs: their gradients are eps-sized and roundoff-dominated.
     assume(groups * min(h, w) >= 3)
     window = draw(st.one_of(st.just(-1), st.integers(1, min(h, w))))
-    cfg = dict(dim=c, head_num=head_num, window_size=window, group_kernel_sizes=tuple(draw(st.lists(ODD, min_size=4, max_size=4))),
+    kernel_sizes = tuple(draw(st.lists(ODD, min_size=4, max_size=4)))
+    cfg = dict(dim=c, head_num=head_num, window_size=window, group_kernel_sizes=kernel_sizes,
                qkv_bias=draw(st.booleans()), gate_layer=draw(st.sampled_from(["sigmoid", "softmax"])))
     shape = (draw(st.integers(1, 3)), c, h, w)
     dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16]

@@ -24,7 +24,8 @@ def _inputs(shape, dtype, device, seed=1):
 
 @pytest.mark.parametrize("value", NONFINITE, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("cfg,shape,dtype", [(*CASES[0], torch.float32), (*CASES[0], torch.bfloat16),
-                                             (*CASES[1], torch.float32)], ids=["sigmoid", "sigmoid-bf16", "softmax-one-window"])
+                                             (*CASES[1], torch.float32)],
+                         ids=["sigmoid", "sigmoid-bf16", "softmax-one-window"])
 def test_nonfinite_input(cfg, shape, dtype, value, fused_on):
     eager, fused = eager_and_fused(cfg, *fused_on, dtype)
     x, go = _inputs(shape, dtype, fused_on[1])
@@ -128,7 +129,8 @@ def test_double_backward_raises(fused_on):
 def test_invalid_backend_environment_variable(monkeypatch):
     monkeypatch.setenv("SCSA_OPS_BACKEND", "garbage")
     for backend in ("auto", "eager"):
-        with pytest.raises(ValueError, match=r"SCSA_OPS_BACKEND names an unknown backend 'garbage'.*'auto', 'triton', 'cpp', 'eager'"):
+        match = r"SCSA_OPS_BACKEND names an unknown backend 'garbage'.*'auto', 'triton', 'cpp', 'eager'"
+        with pytest.raises(ValueError, match=match):
             SCSA(8, backend=backend)(torch.randn(1, 8, 7, 7))
     monkeypatch.setenv("SCSA_OPS_BACKEND", "eager")
     with warnings.catch_warnings():

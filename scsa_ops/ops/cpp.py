@@ -7,14 +7,11 @@ fails too, `load()` returns the reason and the backends fall back to eager (auto
 import importlib
 import logging
 
-import torch
-
 from .. import _build
 from . import library
 
 log = logging.getLogger("scsa_ops")
 
-_ORDER = ("DEFAULT", "AVX2", "AVX512")
 _state = None
 
 
@@ -51,9 +48,8 @@ def load():
     if _state is None:
         ext, why = _import()
         if ext is not None:
-            here = torch.backends.cpu.get_cpu_capability()
-            here = here if here in _ORDER else "DEFAULT"
-            if _ORDER.index(ext.capability) > _ORDER.index(here):
+            here = _build.capability()
+            if _build.ISA_ORDER.index(ext.capability) > _build.ISA_ORDER.index(here):
                 ext, why = None, (f"scsa_ops._C was built for {ext.capability} instructions and this CPU "
                                   f"runs torch at {here}; reinstall to rebuild it here")
         if ext is not None:

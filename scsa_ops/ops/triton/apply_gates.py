@@ -8,7 +8,11 @@ from torch import Tensor
 
 from .utils import alloc_like, channel_block, launch, lt_block, num_warps, pow2, sample_channels, tl_dtype
 
+# Rows per program: the gates of a row tile (a_w, a_c, and dp_w for the backward) are loaded once
+# and reused over ROWS rows; 4 keeps the tile's registers under the budget of utils.num_warps.
 ROWS = 4
+# Channels per step of the softmax gate's sweep over the sample's logits.
+SOFTMAX_BLOCK = 1024
 
 
 @triton.jit
@@ -84,7 +88,7 @@ def _apply(src, out, ah, aw, o, dy, dph, dpw, window, softmax, input_grad):
         src, out, ah, aw, o, dy, dph, dpw, C, H, W, H // kh, W // kw, kh, kw,
         *src.stride(), *out.stride(),
         INPUT_GRAD=input_grad, SOFTMAX=softmax, ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw,
-        BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(ah.dtype), num_warps=num_warps(bc * bw, ah.dtype))
+        BLOCK_CS=min(SOFTMAX_BLOCK, pow2(C)), ACC=tl_dtype(ah.dtype), num_warps=num_warps(bc * bw, ah.dtype))
     return out
 
 

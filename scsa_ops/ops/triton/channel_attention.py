@@ -12,6 +12,9 @@ import triton.language as tl
 
 from .utils import alloc, launch, pow2, tl_dtype
 
+# Elements of Y per step of the GroupNorm(1) statistics sweep (the whole sample, C * N values).
+STATS_BLOCK = 1024
+
 
 @triton.jit
 def _affine(w_ptr, bias_ptr, gn_w_ptr, gn_b_ptr, c, c_ok, mu, rstd, HAS_BIAS: tl.constexpr,
@@ -107,6 +110,6 @@ def channel_attention(y, norm, qkv_weights, qkv_biases, head_num, eps):
     biases = qkv_biases if has_bias else qkv_weights  # placeholders, never read
     launch(_channel_attention_fwd_kernel, (B, head_num, triton.cdiv(D, bi)),
         y, o, *norm, *qkv_weights, *biases, C, N, D, eps,
-        HAS_BIAS=has_bias, BLOCK_I=bi, BLOCK_J=bi, BLOCK_N=bn, BLOCK_S=1024,
+        HAS_BIAS=has_bias, BLOCK_I=bi, BLOCK_J=bi, BLOCK_N=bn, BLOCK_S=STATS_BLOCK,
         ACC=tl_dtype(y.dtype), num_warps=4)
     return o

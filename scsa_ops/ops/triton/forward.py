@@ -14,6 +14,7 @@ from .pool import pool
 from .spatial_gate import spatial_gate
 from .utils import alloc_like
 
+
 def _eager(x, conv_w, conv_b, norms, qkv_w, qkv_b, head_num, kh, kw, softmax):
     """The eager module's own op sequence (reference.forward_parts) in x's dtype, as the eager
     module converted to it would run it, with the outputs of the fused forward: where NaN and Inf

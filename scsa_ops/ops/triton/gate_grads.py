@@ -12,8 +12,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (alloc, channel_block, launch, lt_block, num_warps, sample_channels,
-                    tl_dtype, window_columns, window_tile)
+from .utils import (
+    alloc,
+    channel_block,
+    launch,
+    lt_block,
+    num_warps,
+    sample_channels,
+    tl_dtype,
+    window_columns,
+    window_tile,
+)
 
 
 @triton.jit

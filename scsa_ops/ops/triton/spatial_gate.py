@@ -23,19 +23,19 @@ def _load_sum(p_ptr, n_parts, part_stride, row, pos, m, ACC: tl.constexpr):
 def _conv(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, cs,
           K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, G, ACC: tl.constexpr):
     cl = cs + tl.arange(0, BLOCK_G)  # channel inside the group: index into the conv weights
-    l = tl.arange(0, BLOCK_L)
+    li = tl.arange(0, BLOCK_L)  # position along the branch's length
     c_ok = cl < G
     row = (b.to(tl.int64) * C + c0 + cl)[:, None] * L
     z = tl.zeros([BLOCK_G, BLOCK_L], ACC)
     for t in range(K):  # a loop, not unrolled: 8 inlined group bodies x 9 taps would bloat the code
-        pos = l[None, :] + (t - K // 2)
+        pos = li[None, :] + (t - K // 2)
         m = c_ok[:, None] & (pos >= 0) & (pos < L)
         tap = tl.load(w_ptr + cl * K + t, mask=c_ok, other=0.0).to(ACC)
         z += tap[:, None] * _load_sum(p_ptr, n_parts, part_stride, row, pos, m, ACC)
     # The conv is linear: convolve the sums, then scale to means once (in ACC, not an fp32 scalar).
     inv_count = 1.0 / (tl.zeros([BLOCK_L], ACC) + count)
     bias = tl.load(bias_ptr + cl, mask=c_ok, other=0.0).to(ACC)
-    return z * inv_count[None, :] + bias[:, None], c_ok[:, None] & (l < L)[None, :]
+    return z * inv_count[None, :] + bias[:, None], c_ok[:, None] & (li < L)[None, :]
 
 
 @triton.jit
@@ -72,8 +72,8 @@ def _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w
             a = e / tl.sum(e, axis=1)[:, None]
         else:
             a = 1.0 / (1.0 + tl.exp(-z))
-        l = tl.arange(0, BLOCK_L)
-        tl.store(a_ptr + (b.to(tl.int64) * C + c)[:, None] * L + l[None, :], a, mask=m)
+        li = tl.arange(0, BLOCK_L)
+        tl.store(a_ptr + (b.to(tl.int64) * C + c)[:, None] * L + li[None, :], a, mask=m)
 
 
 @triton.jit

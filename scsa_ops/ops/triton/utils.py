@@ -7,6 +7,8 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
+from ..library import output_format
+
 # Tests set SCSA_OPS_POISON=1 so every output starts as NaN and an element a kernel forgets to
 # write fails loudly; production allocations stay uninitialised (a memset would be a full pass).
 _POISON = os.environ.get("SCSA_OPS_POISON", "0") == "1"
@@ -20,16 +22,15 @@ TILE_BYTES = 8192
 MAX_ROW = 2048
 
 
-def alloc(shape, dtype, device):
-    if _POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+def alloc(shape, dtype, device, memory_format=torch.contiguous_format):
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return out.fill_(float("nan")) if _POISON else out
 
 
 def alloc_like(x):
-    """Output with x's memory format (NCHW or channels_last) for dense x, contiguous otherwise."""
-    out = torch.empty_like(x)
-    return out.fill_(float("nan")) if _POISON else out
+    """A full-size output in the layout rule of every provider and fake (library.output_format):
+    channels_last for a channels_last input, contiguous for anything else."""
+    return alloc(x.shape, x.dtype, x.device, output_format(x))
 
 
 def tl_dtype(dtype):
