@@ -63,19 +63,27 @@ struct Affine {  // per sample: the GroupNorm mean; per (sample, channel): alpha
   std::vector<A> mu, aq, bq, ak, bk, vbar;
 };
 
+// The pass's inputs: Y (B, C, N), the GroupNorm(1) affine and the q/k/v weights and biases (C,);
+// biases may be null (qkv_bias=False).
 template <typename A>
-void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, const A* wq, const A* wk, const A* wv,
-                            const A* bq, const A* bk, const A* bv, int64_t B, int64_t C, int64_t N, int64_t heads,
-                            A eps) {
+struct Inputs {
+  const A *y, *gn_w, *gn_b, *wq, *wk, *wv, *bq, *bk, *bv;
+  int64_t B, C, N, heads;
+  A eps;
+};
+
+// GroupNorm(1) statistics per sample, folded with the q/k/v convs into per-channel affines:
+// w * ((y - mu) * rstd * gn_w + gn_b) + bias == alpha * (y - mu) + beta. mu is not folded into
+// beta, whose rounding would then be amplified by |mu| / std(y).
+template <typename A>
+Affine<A> fold_affines(const Inputs<A>& in) {
   using V = Vectorized<A>;
-  constexpr int64_t L = V::size();
-  const int64_t D = C / heads, Dp = (D + L - 1) / L * L;
+  const int64_t B = in.B, C = in.C, N = in.N, M = C * N;
   Affine<A> f{std::vector<A>(B),     std::vector<A>(B * C), std::vector<A>(B * C),
               std::vector<A>(B * C), std::vector<A>(B * C), std::vector<A>(B * C)};
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const A* yb = y + b * C * N;
-      const int64_t M = C * N;
+      const A* yb = in.y + b * M;
       V s1(0);
       for_lanes<A>(M, [&](int64_t k, int64_t n) { s1 += V::loadu(yb + k, n); });
       const A mu = f.mu[b] = reduce_sum(s1) / A(M);
@@ -84,149 +92,185 @@ void channel_attention_impl(const A* y, A* o, const A* gn_w, const A* gn_b, cons
         auto d = V::loadu(yb + k, n) - V(mu);
         s2 += V::set(V(0), d * d, n);  // lanes past n would add mu^2
       });
-      const A rstd = A(1) / std::sqrt(reduce_sum(s2) / A(M) + eps);
+      const A rstd = A(1) / std::sqrt(reduce_sum(s2) / A(M) + in.eps);
       for (int64_t c = 0; c < C; ++c) {
-        // w * ((y - mu) * rstd * gn_w + gn_b) + bias == alpha * (y - mu) + beta: mu is not folded
-        // into beta, whose rounding would then be amplified by |mu| / std(y).
-        const A g = gn_w[c] * rstd, i = b * C + c;
-        f.aq[i] = wq[c] * g;
-        f.bq[i] = wq[c] * gn_b[c] + (bq ? bq[c] : A(0));
-        f.ak[i] = wk[c] * g;
-        f.bk[i] = wk[c] * gn_b[c] + (bk ? bk[c] : A(0));
+        const A g = in.gn_w[c] * rstd, i = b * C + c;
+        f.aq[i] = in.wq[c] * g;
+        f.bq[i] = in.wq[c] * in.gn_b[c] + (in.bq ? in.bq[c] : A(0));
+        f.ak[i] = in.wk[c] * g;
+        f.bk[i] = in.wk[c] * in.gn_b[c] + (in.bk ? in.bk[c] : A(0));
         V ysum(0);
         for_lanes<A>(N, [&](int64_t n0, int64_t n) { ysum += V::loadu(yb + c * N + n0, n); });
-        f.vbar[i] = wv[c] * g * (reduce_sum(ysum) / A(N) - mu) + wv[c] * gn_b[c] + (bv ? bv[c] : A(0));
+        f.vbar[i] = in.wv[c] * g * (reduce_sum(ysum) / A(N) - mu) + in.wv[c] * in.gn_b[c] + (in.bv ? in.bv[c] : A(0));
       }
     }
   });
-  const int64_t chunks = (D + kRowsPerTask - 1) / kRowsPerTask;
-  const A q_scale = A(kLog2e) / std::sqrt(A(D));
-  // A row is normalised against an upper bound of its max, sum_n max_j(q_n K[n, j]), so scores,
-  // exponentials and sums take one pass (the bound is the exact max when N == 1, as for 7x7 maps
-  // with a 7x7 window). If the bound overshoots so far that every term underflows, the row is redone
-  // against its exact max.
-  const A min_den = std::numeric_limits<A>::min() * A(1 << 24);
-  const bool rank_one = N == 1 && std::is_same_v<A, float>;
-  const double inv_sqrt_d = 1 / std::sqrt(double(D));
-  at::parallel_for(0, B * heads * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> kt(N * Dp), vbar(Dp), kmax(N), kmin(N), q(N);
-    Moments mom{};
-    bool done[kRowsPerTask];  // rank one: rows the power series answered
-    // Added to the last vector of scores: padding lanes get kPadScore, so exp2() makes them 0.
+  return f;
+}
+
+// One task's view of a head: K^T (N x D, padded to whole vectors), vbar, the per-position key
+// extremes, and the softmax sums of one query row q (N values, in log2 units) against them.
+template <typename A>
+struct HeadScorer {
+  using V = Vectorized<A>;
+  static constexpr int64_t L = V::size();
+  const int64_t N, D, Dp;
+  std::vector<A> kt, vbar, kmax, kmin, q;
+  V tail_v;  // added to the last vector of scores: padding lanes get kPadScore, so exp2() makes them 0
+
+  HeadScorer(int64_t N_, int64_t D_)
+      : N(N_), D(D_), Dp((D_ + L - 1) / L * L), kt(N_ * Dp), vbar(Dp), kmax(N_), kmin(N_), q(N_) {
     alignas(64) A tail[L];
     for (int64_t l = 0; l < L; ++l) tail[l] = (Dp - L + l) < D ? A(0) : A(kPadScore);
-    const V tail_v = V::loadu(tail);
-    // Scores of NU key vectors at once (NU a constant, so they stay in registers): independent
-    // accumulators let the N-long fmadd chains (and, for N == 1, the exponentials) overlap.
-    // Each starts from `from` (minus the row's max: the subtraction rides in the fmadd chain).
-    auto scores = [&](int64_t j0, auto nu, V* s, A from) {
-      constexpr int NU = decltype(nu)::value;
-      V odd[NU];  // odd n into a second set of accumulators: twice the chains in flight
-      for (int u = 0; u < NU; ++u) s[u] = V(from), odd[u] = V(0);
-      int64_t n = 0;
-      for (; n + 1 < N; n += 2) {
-        const V q0(q[n]), q1(q[n + 1]);
-        const A* k = kt.data() + n * Dp + j0;
-        for (int u = 0; u < NU; ++u) {
-          s[u] = at::vec::fmadd(q0, V::loadu(k + u * L), s[u]);
-          odd[u] = at::vec::fmadd(q1, V::loadu(k + Dp + u * L), odd[u]);
-        }
-      }
-      if (n < N) {
-        const V qn(q[n]);
-        for (int u = 0; u < NU; ++u) s[u] = at::vec::fmadd(qn, V::loadu(kt.data() + n * Dp + j0 + u * L), s[u]);
-      }
-      for (int u = 0; u < NU; ++u) s[u] = s[u] + odd[u];
-      if (j0 + NU * L == Dp) s[NU - 1] = s[NU - 1] + tail_v;
-    };
-    // f(j0, scores of NU vectors from j0) over every key vector: blocks of kBlock, kBlock / 2, then 1.
-    auto for_blocks = [&](A from, auto f) {
-      V s[kBlock];
-      int64_t j0 = 0;
-      for (; j0 + kBlock * L <= Dp; j0 += kBlock * L) {
-        scores(j0, std::integral_constant<int, kBlock>{}, s, from);
-        f(j0, std::integral_constant<int, kBlock>{}, s);
-      }
-      for (; j0 + kBlock / 2 * L <= Dp; j0 += kBlock / 2 * L) {
-        scores(j0, std::integral_constant<int, kBlock / 2>{}, s, from);
-        f(j0, std::integral_constant<int, kBlock / 2>{}, s);
-      }
-      for (; j0 < Dp; j0 += L) {
-        scores(j0, std::integral_constant<int, 1>{}, s, from);
-        f(j0, std::integral_constant<int, 1>{}, s);
-      }
-    };
-    auto softmax_dot = [&](A m, A& num, A& den) {
-      V vn(0), vd(0);
-      for_blocks(-m, [&](int64_t j0, auto nu, const V* s) {
-        for (int u = 0; u < decltype(nu)::value; ++u) {
-          const V p = exp2(s[u]);
-          vd += p;
-          vn = at::vec::fmadd(p, V::loadu(vbar.data() + j0 + u * L), vn);
-        }
+    tail_v = V::loadu(tail);
+  }
+
+  // K^T, its row extremes, and vbar of the head at channel c0 of sample b.
+  void stage(const A* yb, const Affine<A>& f, int64_t b, int64_t C, int64_t c0) {
+    std::fill(kt.begin(), kt.end(), A(0));
+    std::fill(vbar.begin(), vbar.end(), A(0));
+    for (int64_t j = 0; j < D; ++j) {
+      const int64_t i = b * C + c0 + j;
+      for (int64_t n = 0; n < N; ++n) kt[n * Dp + j] = f.ak[i] * (yb[(c0 + j) * N + n] - f.mu[b]) + f.bk[i];
+      vbar[j] = f.vbar[i];
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      V mx(static_cast<A>(kPadScore)), mn(A(-kPadScore));
+      for_lanes<A>(D, [&](int64_t j, int64_t m) {
+        const V k = V::loadu(kt.data() + n * Dp + j);
+        mx = at::vec::maximum(mx, V::set(V(A(kPadScore)), k, m));
+        mn = at::vec::minimum(mn, V::set(V(A(-kPadScore)), k, m));
       });
-      num = reduce_sum(vn), den = reduce_sum(vd);
-    };
-    auto row_max = [&]() {
-      V mx(static_cast<A>(kPadScore));
-      for_blocks(A(0), [&](int64_t, auto nu, const V* s) {
-        for (int u = 0; u < decltype(nu)::value; ++u) mx = at::vec::maximum(mx, s[u]);
-      });
-      return reduce_max(mx);
-    };
+      kmax[n] = reduce_max(mx), kmin[n] = -reduce_max(-mn);
+    }
+  }
+
+  // Scores of NU key vectors at once (NU a constant, so they stay in registers): independent
+  // accumulators let the N-long fmadd chains (and, for N == 1, the exponentials) overlap.
+  // Each starts from `from` (minus the row's max: the subtraction rides in the fmadd chain).
+  template <int NU>
+  void scores(int64_t j0, V* s, A from) const {
+    V odd[NU];  // odd n into a second set of accumulators: twice the chains in flight
+    for (int u = 0; u < NU; ++u) s[u] = V(from), odd[u] = V(0);
+    int64_t n = 0;
+    for (; n + 1 < N; n += 2) {
+      const V q0(q[n]), q1(q[n + 1]);
+      const A* k = kt.data() + n * Dp + j0;
+      for (int u = 0; u < NU; ++u) {
+        s[u] = at::vec::fmadd(q0, V::loadu(k + u * L), s[u]);
+        odd[u] = at::vec::fmadd(q1, V::loadu(k + Dp + u * L), odd[u]);
+      }
+    }
+    if (n < N) {
+      const V qn(q[n]);
+      for (int u = 0; u < NU; ++u) s[u] = at::vec::fmadd(qn, V::loadu(kt.data() + n * Dp + j0 + u * L), s[u]);
+    }
+    for (int u = 0; u < NU; ++u) s[u] = s[u] + odd[u];
+    if (j0 + NU * L == Dp) s[NU - 1] = s[NU - 1] + tail_v;
+  }
+
+  // f(j0, NU, scores of NU vectors from j0) over every key vector: blocks of kBlock, kBlock / 2, 1.
+  template <int NU, typename F>
+  int64_t blocks_of(int64_t j0, A from, const F& f) const {
+    V s[NU];
+    for (; j0 + NU * L <= Dp; j0 += NU * L) {
+      scores<NU>(j0, s, from);
+      f(j0, NU, s);
+    }
+    return j0;
+  }
+  template <typename F>
+  void for_blocks(A from, const F& f) const {
+    const int64_t j0 = blocks_of<kBlock>(0, from, f);
+    blocks_of<1>(blocks_of<kBlock / 2>(j0, from, f), from, f);
+  }
+
+  void softmax_dot(A m, A& num, A& den) const {
+    V vn(0), vd(0);
+    for_blocks(-m, [&](int64_t j0, int nu, const V* s) {
+      for (int u = 0; u < nu; ++u) {
+        const V p = exp2(s[u]);
+        vd += p;
+        vn = at::vec::fmadd(p, V::loadu(vbar.data() + j0 + u * L), vn);
+      }
+    });
+    num = reduce_sum(vn), den = reduce_sum(vd);
+  }
+
+  A row_max() const {
+    V mx(static_cast<A>(kPadScore));
+    for_blocks(A(0), [&](int64_t, int nu, const V* s) {
+      for (int u = 0; u < nu; ++u) mx = at::vec::maximum(mx, s[u]);
+    });
+    return reduce_max(mx);
+  }
+};
+
+// Rows [r0, r1) of the head at c0 by the power series (N == 1); done[r - r0]: rows it answered.
+template <typename A>
+void rank_one_rows(const A* yb, const Affine<A>& f, const Moments& mom, int64_t b, int64_t C, int64_t c0, int64_t D,
+                   int64_t r0, int64_t r1, A* o, bool* done) {
+  using VD = Vectorized<double>;
+  const double inv_sqrt_d = 1 / std::sqrt(double(D));
+  alignas(64) double x[kRowsPerTask], ratio[kRowsPerTask];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = b * C + c0 + r;
+    x[r - r0] = double(f.aq[i] * (yb[c0 + r] - f.mu[b]) + f.bq[i]) * inv_sqrt_d;
+  }
+  for_lanes<double>(r1 - r0, [&](int64_t r, int64_t n) {
+    const VD xv = VD::loadu(x + r, n);
+    VD num(mom.num[kTerms - 1]), den(mom.den[kTerms - 1]);
+    for (int p = kTerms - 2; p >= 0; --p)
+      num = at::vec::fmadd(num, xv, VD(mom.num[p])), den = at::vec::fmadd(den, xv, VD(mom.den[p]));
+    (num / den).store(ratio + r, n);
+  });
+  for (int64_t r = r0; r < r1; ++r)
+    if ((done[r - r0] = std::abs(x[r - r0]) * mom.rad <= kMaxRadius)) o[b * C + c0 + r] = A(ratio[r - r0]);
+}
+
+// A row is normalised against an upper bound of its max, sum_n max_j(q_n K[n, j]), so scores,
+// exponentials and sums take one pass (the bound is the exact max when N == 1, as for 7x7 maps
+// with a 7x7 window). If the bound overshoots so far that every term underflows, the row is redone
+// against its exact max.
+template <typename A>
+A softmax_row(HeadScorer<A>& hs, const A* yq, A aq, A bq, A mu) {
+  const A q_scale = A(kLog2e) / std::sqrt(A(hs.D));
+  const A min_den = std::numeric_limits<A>::min() * A(1 << 24);
+  A bound = 0, num, den;
+  for (int64_t n = 0; n < hs.N; ++n) {
+    hs.q[n] = (aq * (yq[n] - mu) + bq) * q_scale;
+    bound += hs.q[n] >= 0 ? hs.q[n] * hs.kmax[n] : hs.q[n] * hs.kmin[n];
+  }
+  hs.softmax_dot(bound, num, den);
+  if (!(den >= min_den)) hs.softmax_dot(hs.row_max(), num, den);
+  return num / den;
+}
+
+template <typename A>
+void channel_attention_impl(const Inputs<A>& in, A* o) {
+  const int64_t C = in.C, N = in.N, heads = in.heads, D = C / heads;
+  const Affine<A> f = fold_affines(in);
+  const int64_t chunks = (D + kRowsPerTask - 1) / kRowsPerTask;
+  const bool rank_one = N == 1 && std::is_same_v<A, float>;
+  at::parallel_for(0, in.B * heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    HeadScorer<A> hs(N, D);
+    Moments mom{};
+    bool done[kRowsPerTask];  // rank one: rows the power series answered
     int64_t staged = -1;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / chunks, b = bh / heads, c0 = bh % heads * D;
-      const A* yb = y + b * C * N;
-      if (bh != staged) {  // K^T, its row extremes, and vbar of this head
-        std::fill(kt.begin(), kt.end(), A(0));
-        std::fill(vbar.begin(), vbar.end(), A(0));
-        for (int64_t j = 0; j < D; ++j) {
-          const int64_t i = b * C + c0 + j;
-          for (int64_t n = 0; n < N; ++n) kt[n * Dp + j] = f.ak[i] * (yb[(c0 + j) * N + n] - f.mu[b]) + f.bk[i];
-          vbar[j] = f.vbar[i];
-        }
-        for (int64_t n = 0; n < N; ++n) {
-          V mx(static_cast<A>(kPadScore)), mn(A(-kPadScore));
-          for_lanes<A>(D, [&](int64_t j, int64_t m) {
-            const V k = V::loadu(kt.data() + n * Dp + j);
-            mx = at::vec::maximum(mx, V::set(V(A(kPadScore)), k, m));
-            mn = at::vec::minimum(mn, V::set(V(A(-kPadScore)), k, m));
-          });
-          kmax[n] = reduce_max(mx), kmin[n] = -reduce_max(-mn);
-        }
-        if (rank_one) key_moments(kt.data(), vbar.data(), D, kmax[0], kmin[0], mom);
+      const A* yb = in.y + b * C * N;
+      if (bh != staged) {
+        hs.stage(yb, f, b, C, c0);
+        if (rank_one) key_moments(hs.kt.data(), hs.vbar.data(), D, hs.kmax[0], hs.kmin[0], mom);
         staged = bh;
       }
       const int64_t r0 = t % chunks * kRowsPerTask, r1 = std::min(D, r0 + kRowsPerTask);
-      if (rank_one) {  // the power series for a vector of rows at a time
-        using VD = Vectorized<double>;
-        alignas(64) double x[kRowsPerTask], ratio[kRowsPerTask];
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t i = b * C + c0 + r;
-          x[r - r0] = double(f.aq[i] * (yb[c0 + r] - f.mu[b]) + f.bq[i]) * inv_sqrt_d;
-        }
-        for_lanes<double>(r1 - r0, [&](int64_t r, int64_t n) {
-          const VD xv = VD::loadu(x + r, n);
-          VD num(mom.num[kTerms - 1]), den(mom.den[kTerms - 1]);
-          for (int p = kTerms - 2; p >= 0; --p)
-            num = at::vec::fmadd(num, xv, VD(mom.num[p])), den = at::vec::fmadd(den, xv, VD(mom.den[p]));
-          (num / den).store(ratio + r, n);
-        });
-        for (int64_t r = r0; r < r1; ++r)
-          if ((done[r - r0] = std::abs(x[r - r0]) * mom.rad <= kMaxRadius)) o[b * C + c0 + r] = A(ratio[r - r0]);
-      }
+      if (rank_one) rank_one_rows(yb, f, mom, b, C, c0, D, r0, r1, o, done);
       for (int64_t r = r0; r < r1; ++r) {
         if (rank_one && done[r - r0]) continue;
         const int64_t i = b * C + c0 + r;
-        A bound = 0, num, den;
-        for (int64_t n = 0; n < N; ++n) {
-          q[n] = (f.aq[i] * (yb[(c0 + r) * N + n] - f.mu[b]) + f.bq[i]) * q_scale;
-          bound += q[n] >= 0 ? q[n] * kmax[n] : q[n] * kmin[n];
-        }
-        softmax_dot(bound, num, den);
-        if (!(den >= min_den)) softmax_dot(row_max(), num, den);
-        o[i] = num / den;
+        o[i] = softmax_row(hs, yb + (c0 + r) * N, f.aq[i], f.bq[i], f.mu[b]);
       }
     }
   });
@@ -239,9 +283,21 @@ void channel_attention(Forward& f, int64_t b0, int64_t nb) {
   AT_DISPATCH_FLOATING_TYPES(f.y.scalar_type(), "scsa_channel_attention", [&] {
     using A = scalar_t;
     auto ptr = [](const Tensor& t) { return t.defined() ? t.const_data_ptr<A>() : nullptr; };
-    channel_attention_impl<A>(ptr(f.y) + b0 * C * N, f.o.data_ptr<A>() + b0 * C, ptr(f.norm_weight), ptr(f.norm_bias),
-                              ptr(f.q_weight), ptr(f.k_weight), ptr(f.v_weight), ptr(f.q_bias), ptr(f.k_bias),
-                              ptr(f.v_bias), nb, C, N, f.head_num, A(f.eps));
+    const Inputs<A> in{ptr(f.y) + b0 * C * N,
+                       ptr(f.norm_weight),
+                       ptr(f.norm_bias),
+                       ptr(f.q_weight),
+                       ptr(f.k_weight),
+                       ptr(f.v_weight),
+                       ptr(f.q_bias),
+                       ptr(f.k_bias),
+                       ptr(f.v_bias),
+                       nb,
+                       C,
+                       N,
+                       f.head_num,
+                       A(f.eps)};
+    channel_attention_impl<A>(in, f.o.data_ptr<A>() + b0 * C);
   });
 }
 

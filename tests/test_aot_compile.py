@@ -14,10 +14,11 @@ pytest.importorskip("triton")
 
 def test_compiles_for_gpu_targets_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    script = str(Path(__file__).parent / "aot_compile.py")
-    procs = [subprocess.Popen([sys.executable, script, sm], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for sm in ("80", "90")]  # one per core
+    root = Path(__file__).parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.aot_compile", sm], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+             for sm in ("80", "90")]  # one per core
     rows = []
     for proc in procs:
         out, err = proc.communicate(timeout=900)

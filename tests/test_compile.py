@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch._dynamo.testing
 
+from bench.kernels import LaunchRecorder
 from helpers import HAS_CUDA, TOL, grad_err, opcheck_ops, pair, rel_err
-from kernels import LaunchRecorder
 from scsa_ops.backends import triton_provider
 
 # Inductor where the provider's ops are real kernels on this machine; the interpreted Triton ops

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.kernels import LaunchRecorder
 from helpers import DEVICE, FUSED, HAS_CUDA, pair
-from kernels import LaunchRecorder
 from scsa_ops.ops.triton import utils
 from scsa_ops.ops.triton.apply_gates import input_grad
 from scsa_ops.ops.triton.forward import forward

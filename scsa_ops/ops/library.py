@@ -3,12 +3,13 @@
 `Provider`, the calls SCSAFunction makes into one namespace of them. Both namespaces, scsa_cpp and
 scsa_triton, share one schema:
 
-  forward(Tensor x, Tensor[] conv_w, Tensor[] conv_b, Tensor norm_h_w, Tensor norm_h_b, Tensor norm_w_w,
-          Tensor norm_w_b, Tensor norm_w, Tensor norm_b, Tensor q_w, Tensor k_w, Tensor v_w, Tensor? q_b,
-          Tensor? k_b, Tensor? v_b, int head_num, int kh, int kw, bool softmax, float eps) -> Tensor[]
+  forward(Tensor x, Tensor[] conv_weights, Tensor[] conv_biases, Tensor norm_h_weight, Tensor norm_h_bias,
+          Tensor norm_w_weight, Tensor norm_w_bias, Tensor norm_weight, Tensor norm_bias, Tensor q_weight,
+          Tensor k_weight, Tensor v_weight, Tensor? q_bias, Tensor? k_bias, Tensor? v_bias, int head_num, int kh,
+          int kw, bool softmax, float eps) -> Tensor[]
           # [out, p_h, p_w, a_h, a_w, Y, o]
-  gate_grads(Tensor g, Tensor x, Tensor a_h, Tensor a_w, int kh, int kw) -> (Tensor, Tensor, Tensor, Tensor)
-  input_grad(Tensor g, Tensor x, Tensor a_h, Tensor a_w, Tensor o, Tensor dy, Tensor dph, Tensor dpw,
+  gate_grads(Tensor g, Tensor x, Tensor ah, Tensor aw, int kh, int kw) -> (Tensor, Tensor, Tensor, Tensor)
+  input_grad(Tensor g, Tensor x, Tensor ah, Tensor aw, Tensor o, Tensor dy, Tensor dph, Tensor dpw,
              int kh, int kw, bool softmax) -> Tensor
 
 The fakes mirror the kernels' output rules: csrc/scsa.h `dense` for the layout of full-size outputs,
@@ -33,8 +34,8 @@ def _small(x, *shape):
 
 def register_fakes(ns):
     @torch.library.register_fake(f"{ns}::forward")
-    def _forward(x, conv_weights, conv_biases, nh_w, nh_b, nw_w, nw_b, norm_w, norm_b, wq, wk, wv, bq, bk, bv,
-                 head_num, kh, kw, softmax, eps):
+    def _forward(x, conv_weights, conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_weight,
+                 norm_bias, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, head_num, kh, kw, softmax, eps):
         B, C, H, W = x.shape
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_format(x))
         return [out, _small(x, B, C, H), _small(x, 1, B, C, W), _small(x, B, C, H), _small(x, B, C, W),

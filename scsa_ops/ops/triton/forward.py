@@ -30,20 +30,20 @@ def _eager(x, conv_w, conv_b, norms, qkv_w, qkv_b, head_num, kh, kw, softmax):
     return [alloc_like(x).copy_(out), xa.sum(3), xa.sum(2)[None], a_h.to(acc), a_w.to(acc), y.to(acc), o.to(acc)]
 
 
-def forward(x: Tensor, conv_w: list[Tensor], conv_b: list[Tensor], norm_h_w: Tensor, norm_h_b: Tensor,
-            norm_w_w: Tensor, norm_w_b: Tensor, norm_w: Tensor, norm_b: Tensor, q_w: Tensor, k_w: Tensor,
-            v_w: Tensor, q_b: Optional[Tensor], k_b: Optional[Tensor], v_b: Optional[Tensor], head_num: int,
-            kh: int, kw: int, softmax: bool, eps: float) -> list[Tensor]:
+def forward(x: Tensor, conv_weights: list[Tensor], conv_biases: list[Tensor], norm_h_weight: Tensor,
+            norm_h_bias: Tensor, norm_w_weight: Tensor, norm_w_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+            q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Optional[Tensor], k_bias: Optional[Tensor],
+            v_bias: Optional[Tensor], head_num: int, kh: int, kw: int, softmax: bool, eps: float) -> list[Tensor]:
     """The op scsa_triton::forward (schema of scsa_cpp::forward): [out, p_h, p_w, a_h, a_w, Y, o]."""
-    norms = ((norm_h_w, norm_h_b), (norm_w_w, norm_w_b), (norm_w, norm_b))
-    params = [*conv_w, *conv_b, *[t for n in norms for t in n], q_w, k_w, v_w]
-    params += [b for b in (q_b, k_b, v_b) if b is not None]
+    norms = ((norm_h_weight, norm_h_bias), (norm_w_weight, norm_w_bias), (norm_weight, norm_bias))
+    qkv_weights, qkv_biases = (q_weight, k_weight, v_weight), (q_bias, k_bias, v_bias)
+    params = [*conv_weights, *conv_biases, *[t for n in norms for t in n], *qkv_weights]
+    params += [b for b in qkv_biases if b is not None]
     if not parameters_finite(params):
-        return _eager(x, conv_w, conv_b, norms, (q_w, k_w, v_w), (q_b, k_b, v_b), head_num, kh, kw, softmax)
-    kernel_sizes = [w.shape[-1] for w in conv_w]
+        return _eager(x, conv_weights, conv_biases, norms, qkv_weights, qkv_biases, head_num, kh, kw, softmax)
+    kernel_sizes = [w.shape[-1] for w in conv_weights]
     ph, pw = pool(x, acc_dtype(x.dtype))
-    ah, aw = spatial_gate(ph, pw, conv_w, conv_b, (norm_h_w, norm_h_b), (norm_w_w, norm_w_b), kernel_sizes,
-                          softmax, eps)
+    ah, aw = spatial_gate(ph, pw, conv_weights, conv_biases, norms[0], norms[1], kernel_sizes, softmax, eps)
     y = gated_pool(x, ah, aw, (kh, kw))
-    o = channel_attention(y, (norm_w, norm_b), (q_w, k_w, v_w), (q_b, k_b, v_b), head_num, eps)
+    o = channel_attention(y, norms[2], qkv_weights, qkv_biases, head_num, eps)
     return [apply_gates(x, ah, aw, o, softmax), ph, pw, ah, aw, y, o]

@@ -125,7 +125,7 @@ def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes
     bh, bw = pow2(H), pow2(W)
     # A quarter of the usual tile: the taps keep up to nine shifted loads of it in flight (this
     # kernel reads kilobytes; occupancy does not matter here, spills would). Warp counts chosen
-    # from ptxas reports of sm_80 and sm_90 (tests/aot_compile.py).
+    # from ptxas reports of sm_80 and sm_90 (bench/aot_compile.py).
     bg = max(1, min(pow2(C // 4), tile_elems(ph.dtype) // (4 * max(bh, bw))))
     ah = alloc((B, C, H), ph.dtype, ph.device)
     aw = alloc((B, C, W), ph.dtype, ph.device)

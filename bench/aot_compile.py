@@ -2,7 +2,7 @@
 shapes launch; report registers and spills from ptxas. Run without TRITON_INTERPRET (the
 interpreter accepts code the GPU compiler rejects). Prints one JSON line per compiled variant.
 
-    python tests/aot_compile.py [sm ...]      # default: 80 90
+    python -m bench.aot_compile [sm ...]      # default: 80 90 (tests/test_aot_compile.py runs it)
 """
 import json
 import os
@@ -12,7 +12,6 @@ import sys
 import tempfile
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without the interpreter"
-sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -20,7 +19,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import LaunchRecorder, all_kernels  # noqa: E402
+from bench.kernels import LaunchRecorder, all_kernels  # noqa: E402
 from scsa_ops import SCSA  # noqa: E402
 from scsa_ops.backends import triton_provider  # noqa: E402
 from scsa_ops.function import fused_scsa  # noqa: E402
