@@ -80,6 +80,13 @@ def parameters_finite(params):
     return seen[1]
 
 
+def eager_math(x, params, cfg: Config):
+    """The reference math (avg or global pooling, no dropout) on parameters in PARAM_NAMES order."""
+    p = Params(params)
+    return forward_parts(x, p.conv_w, p.conv_b, p.norm_h, p.norm_w, p.norm, p.qkv_w, p.qkv_b, cfg.head_num,
+                         cfg.window_size, "avg_pool", cfg.gate)[-1]
+
+
 def _eager_backward(x, params, cfg, g, needs_input_grad):
     """The eager module's own backward, in x's dtype: with a non-finite parameter the forward ran the
     eager ops (the providers' forward), and where NaN and Inf go in the gradients depends just as
@@ -87,9 +94,7 @@ def _eager_backward(x, params, cfg, g, needs_input_grad):
     x = x.detach().requires_grad_(needs_input_grad)
     leaves = [None if t is None else t.detach().requires_grad_() for t in params]
     with torch.enable_grad():
-        p = Params([None if t is None else t.to(x.dtype) for t in leaves])
-        out = forward_parts(x, p.conv_w, p.conv_b, p.norm_h, p.norm_w, p.norm, p.qkv_w, p.qkv_b, cfg.head_num,
-                            cfg.window_size, "avg_pool", cfg.gate)[-1]
+        out = eager_math(x, [None if t is None else t.to(x.dtype) for t in leaves], cfg)
         wanted = [t for t in [x, *leaves] if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, g))
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in [x, *leaves])

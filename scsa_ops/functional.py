@@ -6,8 +6,8 @@ from typing import Mapping, Optional
 import torch
 
 from . import backends
-from .function import PARAM_NAMES, Config, fused_scsa
-from .reference import CONV_NAMES, check_config, check_input, forward_parts, window_of
+from .function import PARAM_NAMES, Config, eager_math, fused_scsa
+from .reference import CONV_NAMES, check_config, check_input, window_of
 
 _OPTIONAL = frozenset(f"{m}.bias" for m in "qkv")  # absent with qkv_bias=False
 _PARAM_PATHS = [name.split(".") for name in PARAM_NAMES]
@@ -55,19 +55,11 @@ def run(x, params, cfg: Config, backend):
     provider = backends.resolve(backend, x.device, True)
     window_w = window_of(cfg.window_size, *x.shape[2:])[1]
     if provider is None or x.shape[0] == 0 or not provider.fits(x.shape[3], window_w):
-        return _eager(x, params, cfg)
+        return eager_math(x, params, cfg)
     check_params(params, x)
     if any(t is None for t in params):  # not `None in params`: that compares tensors (200 us)
         params = _fill_missing(params, x.shape[1])
     return fused_scsa(x, params, cfg, provider)
-
-
-def _eager(x, params, cfg):
-    p = dict(zip(PARAM_NAMES, params))
-    pair = lambda m: (p[f"{m}.weight"], p[f"{m}.bias"])  # noqa: E731
-    return forward_parts(x, [p[f"{n}.weight"] for n in CONV_NAMES], [p[f"{n}.bias"] for n in CONV_NAMES],
-                         pair("norm_h"), pair("norm_w"), pair("norm"), [p[f"{m}.weight"] for m in "qkv"],
-                         [p[f"{m}.bias"] for m in "qkv"], cfg.head_num, cfg.window_size, "avg_pool", cfg.gate)[-1]
 
 
 def module_params(module):
