@@ -69,14 +69,17 @@ def parameters_finite(params):
     values)."""
     if torch.compiler.is_compiling() or any(is_fake(t) for t in params):
         return True
+    def check():
+        return bool(torch.stack([t.detach().isfinite().all() for t in params]).all())
+
     if any(t.is_inference() for t in params):  # no version counter to cache by
-        return bool(torch.stack([t.isfinite().all() for t in params]).all())
+        return check()
     key, state = id(params[0]), [(id(t), t._version) for t in params]
     seen = _checked.get(key)
     if seen is None or seen[0] != state:
         if seen is None:
             weakref.finalize(params[0], _checked.pop, key, None)
-        seen = _checked[key] = (state, bool(torch.stack([t.detach().isfinite().all() for t in params]).all()))
+        seen = _checked[key] = (state, check())
     return seen[1]
 
 

@@ -20,11 +20,14 @@ def _eager(x, conv_w, conv_b, norms, qkv_w, qkv_b, head_num, kh, kw, softmax):
     module converted to it would run it, with the outputs of the fused forward: where NaN and Inf
     go depends on how each op is written (and on fp16's range), and for non-finite parameters they
     must go where the eager module's do."""
-    acc, dt = acc_dtype(x.dtype), x.dtype
+    acc = acc_dtype(x.dtype)
+
+    def as_x(ts):
+        return [None if t is None else t.to(x.dtype) for t in ts]
+
     global_pool = (kh, kw) == tuple(x.shape[2:])
     a_h, a_w, _, y, o, out = forward_parts(
-        x, [w.to(dt) for w in conv_w], [b.to(dt) for b in conv_b], *[(w.to(dt), b.to(dt)) for w, b in norms],
-        [w.to(dt) for w in qkv_w], [None if b is None else b.to(dt) for b in qkv_b], head_num,
+        x, as_x(conv_w), as_x(conv_b), *[as_x(n) for n in norms], as_x(qkv_w), as_x(qkv_b), head_num,
         -1 if global_pool else kh, "avg_pool", "softmax" if softmax else "sigmoid")
     xa = x.to(acc)
     return [alloc_like(x).copy_(out), xa.sum(3), xa.sum(2)[None], a_h.to(acc), a_w.to(acc), y.to(acc), o.to(acc)]
