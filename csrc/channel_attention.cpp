@@ -284,8 +284,8 @@ void channel_attention(Forward& f, int64_t b0, int64_t nb) {
     using A = scalar_t;
     auto ptr = [](const Tensor& t) { return t.defined() ? t.const_data_ptr<A>() : nullptr; };
     const Inputs<A> in{ptr(f.y) + b0 * C * N,
-                       ptr(f.norm_weight),
-                       ptr(f.norm_bias),
+                       ptr(f.norm_c_weight),
+                       ptr(f.norm_c_bias),
                        ptr(f.q_weight),
                        ptr(f.k_weight),
                        ptr(f.v_weight),

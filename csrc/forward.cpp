@@ -9,7 +9,7 @@ namespace scsa {
 
 std::vector<Tensor> forward(const Tensor& x_in, at::TensorList conv_weights, at::TensorList conv_biases,
                             const Tensor& norm_h_weight, const Tensor& norm_h_bias, const Tensor& norm_w_weight,
-                            const Tensor& norm_w_bias, const Tensor& norm_weight, const Tensor& norm_bias,
+                            const Tensor& norm_w_bias, const Tensor& norm_c_weight, const Tensor& norm_c_bias,
                             const Tensor& q_weight, const Tensor& k_weight, const Tensor& v_weight,
                             const std::optional<Tensor>& q_bias, const std::optional<Tensor>& k_bias,
                             const std::optional<Tensor>& v_bias, int64_t head_num, int64_t kh, int64_t kw, bool softmax,
@@ -40,8 +40,8 @@ std::vector<Tensor> forward(const Tensor& x_in, at::TensorList conv_weights, at:
   f.norm_h_bias = param(norm_h_bias, "norm_h.bias", C, acc);
   f.norm_w_weight = param(norm_w_weight, "norm_w.weight", C, acc);
   f.norm_w_bias = param(norm_w_bias, "norm_w.bias", C, acc);
-  f.norm_weight = param(norm_weight, "norm.weight", C, acc);
-  f.norm_bias = param(norm_bias, "norm.bias", C, acc);
+  f.norm_c_weight = param(norm_c_weight, "norm.weight", C, acc);
+  f.norm_c_bias = param(norm_c_bias, "norm.bias", C, acc);
   f.q_weight = param(q_weight, "q.weight", C, acc);
   f.k_weight = param(k_weight, "k.weight", C, acc);
   f.v_weight = param(v_weight, "v.weight", C, acc);

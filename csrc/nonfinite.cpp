@@ -46,11 +46,11 @@ Tensor qkv(const Forward& f, const Tensor& yn, const Tensor& w, const Tensor& bi
 
 bool parameters_finite(const Forward& f) {
   bool ok = true;
-  AT_DISPATCH_FLOATING_TYPES(f.norm_weight.scalar_type(), "scsa_parameters_finite", [&] {
+  AT_DISPATCH_FLOATING_TYPES(f.norm_c_weight.scalar_type(), "scsa_parameters_finite", [&] {
     for (const auto* list : {&f.conv_w, &f.conv_b})
       for (const auto& t : *list) ok = ok && finite<scalar_t>(t);
-    for (const auto* t : {&f.norm_h_weight, &f.norm_h_bias, &f.norm_w_weight, &f.norm_w_bias, &f.norm_weight,
-                          &f.norm_bias, &f.q_weight, &f.k_weight, &f.v_weight, &f.q_bias, &f.k_bias, &f.v_bias})
+    for (const auto* t : {&f.norm_h_weight, &f.norm_h_bias, &f.norm_w_weight, &f.norm_w_bias, &f.norm_c_weight,
+                          &f.norm_c_bias, &f.q_weight, &f.k_weight, &f.v_weight, &f.q_bias, &f.k_bias, &f.v_bias})
       ok = ok && (!t->defined() || finite<scalar_t>(*t));
   });
   return ok;
@@ -63,7 +63,7 @@ std::vector<Tensor> forward_eager(const Forward& f) {
   const Tensor aw = gate(f, x.mean(2), f.norm_w_weight, f.norm_w_bias);
   const Tensor xs = x * ah.unsqueeze(3) * aw.unsqueeze(2);
   const Tensor y = at::avg_pool2d(xs, {f.kh, f.kw}, {f.kh, f.kw});
-  const Tensor yn = at::group_norm(y, 1, as_x(f, f.norm_weight), as_x(f, f.norm_bias), f.eps).flatten(2);
+  const Tensor yn = at::group_norm(y, 1, as_x(f, f.norm_c_weight), as_x(f, f.norm_c_bias), f.eps).flatten(2);
   const int64_t N = yn.size(2);
   const Tensor q = qkv(f, yn, f.q_weight, f.q_bias).view({B, heads, D, N});
   const Tensor k = qkv(f, yn, f.k_weight, f.k_bias).view({B, heads, D, N});
@@ -73,7 +73,7 @@ std::vector<Tensor> forward_eager(const Forward& f) {
   const Tensor ac = f.softmax ? o.softmax(1) : o.sigmoid();
   const Tensor out = (xs * ac.view({B, C, 1, 1})).contiguous(format_of(f.channels_last));
   // The small outputs in the accumulator dtype, p_h and p_w as sums, as the fused passes leave them.
-  const auto acc = f.norm_weight.scalar_type();
+  const auto acc = f.norm_c_weight.scalar_type();
   const Tensor xa = x.to(acc);
   return {out, xa.sum(3), xa.sum(2).unsqueeze(0), ah.to(acc), aw.to(acc), y.to(acc), o.to(acc)};
 }

@@ -1,5 +1,6 @@
-// torch.library registration of the CPU path (namespace scsa_cpp; the fake implementations for
-// torch.compile live in scsa_ops/ops/library.py), plus the Python module scsa_ops._C itself.
+// The CPU implementations of the ops of namespace scsa_cpp, plus the Python module scsa_ops._C itself.
+// The ops' schemas are defined in Python (scsa_ops/schema.py, when scsa_ops.ops.cpp loads this
+// module), their fake implementations in scsa_ops/ops/library.py: C++ only implements them.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 
@@ -7,18 +8,6 @@
 
 #define SCSA_STR_(x) #x
 #define SCSA_STR(x) SCSA_STR_(x)
-
-TORCH_LIBRARY(scsa_cpp, m) {
-  m.def(
-      "forward(Tensor x, Tensor[] conv_weights, Tensor[] conv_biases, Tensor norm_h_weight, Tensor norm_h_bias, "
-      "Tensor norm_w_weight, Tensor norm_w_bias, Tensor norm_weight, Tensor norm_bias, Tensor q_weight, "
-      "Tensor k_weight, Tensor v_weight, Tensor? q_bias, Tensor? k_bias, Tensor? v_bias, int head_num, int kh, "
-      "int kw, bool softmax, float eps) -> Tensor[]");
-  m.def("gate_grads(Tensor g, Tensor x, Tensor ah, Tensor aw, int kh, int kw) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "input_grad(Tensor g, Tensor x, Tensor ah, Tensor aw, Tensor o, Tensor dy, Tensor dph, Tensor dpw, "
-      "int kh, int kw, bool softmax) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(scsa_cpp, CPU, m) {
   m.impl("forward", &scsa::forward);

@@ -237,7 +237,7 @@ struct Forward {
   double eps;
   std::vector<Tensor> conv_w, conv_b;  // (G * k_i) and (G) per channel group
   std::vector<int64_t> kernel_sizes;
-  Tensor norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_weight, norm_bias;
+  Tensor norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_c_weight, norm_c_bias;
   Tensor q_weight, k_weight, v_weight, q_bias, k_bias, v_bias;  // biases undefined without qkv_bias
   Tensor out, ph, pw, ah, aw, y, o;  // pw: (1, B, C, W), the Triton provider's banded layout with one band
 };
@@ -253,7 +253,7 @@ std::vector<Tensor> forward_eager(const Forward& f);
 
 std::vector<Tensor> forward(const Tensor& x, at::TensorList conv_weights, at::TensorList conv_biases,
                             const Tensor& norm_h_weight, const Tensor& norm_h_bias, const Tensor& norm_w_weight,
-                            const Tensor& norm_w_bias, const Tensor& norm_weight, const Tensor& norm_bias,
+                            const Tensor& norm_w_bias, const Tensor& norm_c_weight, const Tensor& norm_c_bias,
                             const Tensor& q_weight, const Tensor& k_weight, const Tensor& v_weight,
                             const std::optional<Tensor>& q_bias, const std::optional<Tensor>& k_bias,
                             const std::optional<Tensor>& v_bias, int64_t head_num, int64_t kh, int64_t kw, bool softmax,

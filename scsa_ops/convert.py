@@ -13,14 +13,13 @@ import warnings
 import torch.nn as nn
 
 from .backends import check_backend
-from .function import PARAM_NAMES
 from .module import SCSA
-from .reference import CONV_NAMES
 from .reference import SCSA as Reference
+from .schema import CONVS, PARAM_NAMES
 
 # What the official class sets in __init__ (and our reference has too), besides its parameters.
 OFFICIAL_ATTRS = ("dim", "head_num", "window_size", "group_kernel_sizes", "qkv_bias", "down_sample_mode",
-                  "sa_gate", "ca_gate", "attn_drop", "norm_h", "norm_w", "norm", "q", "k", "v", *CONV_NAMES)
+                  "sa_gate", "ca_gate", "attn_drop", "norm_h", "norm_w", "norm", "q", "k", "v", *CONVS)
 
 
 def _gate(module):

@@ -17,14 +17,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .reference import EPS, channel_attention_logits, channel_gate, forward_parts, spatial_gate, window_of
-
-# Order of the parameter tensors passed to SCSAFunction (qkv biases may be None).
-PARAM_NAMES = (
-    "local_dwc.weight", "local_dwc.bias", "global_dwc_s.weight", "global_dwc_s.bias",
-    "global_dwc_m.weight", "global_dwc_m.bias", "global_dwc_l.weight", "global_dwc_l.bias",
-    "norm_h.weight", "norm_h.bias", "norm_w.weight", "norm_w.bias", "norm.weight", "norm.bias",
-    "q.weight", "k.weight", "v.weight", "q.bias", "k.bias", "v.bias",
-)
+from .schema import CHANNEL_NAMES, PARAM_NAMES, SPATIAL_NAMES, Params, indices
 
 
 @dataclass(frozen=True)
@@ -39,15 +32,6 @@ def _device_of(x):
     # Triton launches on the current CUDA device: make it x's. A no-op elsewhere, which also keeps
     # CPU graphs traceable by torch.compile (dynamo does not trace torch.cuda.device_of).
     return torch.cuda.device_of(x) if x.is_cuda else contextlib.nullcontext()
-
-
-class Params:
-    """The 20 parameter tensors of PARAM_NAMES, grouped as the passes take them."""
-
-    def __init__(self, params):
-        self.conv_w, self.conv_b = list(params[0:8:2]), list(params[1:8:2])
-        self.norm_h, self.norm_w, self.norm = params[8:10], params[10:12], params[12:14]
-        self.qkv_w, self.qkv_b = params[14:17], params[17:20]
 
 
 def _forward(x, provider, cfg, params):
@@ -86,7 +70,7 @@ def parameters_finite(params):
 def eager_math(x, params, cfg: Config):
     """The reference math (avg or global pooling, no dropout) on parameters in PARAM_NAMES order."""
     p = Params(params)
-    return forward_parts(x, p.conv_w, p.conv_b, p.norm_h, p.norm_w, p.norm, p.qkv_w, p.qkv_b, cfg.head_num,
+    return forward_parts(x, p.conv_w, p.conv_b, p.norm_h, p.norm_w, p.norm_c, p.qkv_w, p.qkv_b, cfg.head_num,
                          cfg.window_size, "avg_pool", cfg.gate)[-1]
 
 
@@ -103,7 +87,7 @@ def _eager_backward(x, params, cfg, g, needs_input_grad):
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in [x, *leaves])
 
 
-_SPATIAL = PARAM_NAMES.index("norm.weight")  # params[:_SPATIAL] feed the spatial gates, the rest the channel gate
+_SPATIAL, _CHANNEL = indices(SPATIAL_NAMES), indices(CHANNEL_NAMES)
 
 
 class SCSAFunction(torch.autograd.Function):
@@ -135,41 +119,45 @@ class SCSAFunction(torch.autograd.Function):
         # torch.autograd.grad), each as a function of the parameters it uses (the qkv biases are
         # optional); the casts to the working dtype sit inside, so each gradient comes back in its
         # leaf's dtype.
-        spatial_params = [t for t in params[:_SPATIAL] if t is not None]
-        channel_params = [t for t in params[_SPATIAL:] if t is not None]
+        spatial_at = [i for i in _SPATIAL if params[i] is not None]
+        channel_at = [i for i in _CHANNEL if params[i] is not None]
 
-        def working(ts, start):
-            """Params with ts, cast to the working dtype, in PARAM_NAMES order from `start`."""
-            ts = [t.to(acc) for t in ts]
-            return Params([None] * start + ts + [None] * (len(PARAM_NAMES) - start - len(ts)))
+        def working(ts, at):
+            """Params with the tensors ts, cast to the working dtype, at the positions `at`."""
+            full = [None] * len(PARAM_NAMES)
+            for i, t in zip(at, ts):
+                full[i] = t.to(acc)
+            return Params(full)
 
         def channel_part(y_, *ts):
-            p = working(ts, _SPATIAL)
-            return channel_gate(channel_attention_logits(y_, *p.norm, p.qkv_w, p.qkv_b, cfg.head_num), cfg.gate)
+            p = working(ts, channel_at)
+            return channel_gate(channel_attention_logits(y_, *p.norm_c, p.qkv_w, p.qkv_b, cfg.head_num), cfg.gate)
 
         def spatial_part(ph_, pw_, *ts):
-            p = working(ts, 0)
+            p = working(ts, spatial_at)
             return (spatial_gate(ph_, p.conv_w, p.conv_b, *p.norm_h, cfg.gate),
                     spatial_gate(pw_, p.conv_w, p.conv_b, *p.norm_w, cfg.gate))
 
         # A backward called inside torch.autocast must not recompute the small graphs in low precision.
         with torch.autocast(x.device.type, enabled=False):
-            a_c, vjp_ca = torch.func.vjp(channel_part, y, *channel_params)
+            a_c, vjp_ca = torch.func.vjp(channel_part, y, *[params[i] for i in channel_at])
             dy, *d_ca = vjp_ca((ah * r).sum(-1))
             dy = dy / (kh * kw)
             dah = a_c[..., None] * r
             dah[:, :, :ho * kh] += (u.unflatten(2, (ho, kh)) * dy.unsqueeze(3)).sum(-1).flatten(2)
             daw = a_c[..., None] * s.sum(2)
             daw[:, :, :wo * kw] += (v.unflatten(3, (wo, kw)) * dy.unsqueeze(4)).sum(2).flatten(2)
-            _, vjp_sa = torch.func.vjp(spatial_part, ph / W, pw.sum(0) / H, *spatial_params)
+            _, vjp_sa = torch.func.vjp(spatial_part, ph / W, pw.sum(0) / H, *[params[i] for i in spatial_at])
             dph, dpw, *d_sa = vjp_sa((dah, daw))
         dx = None
         if ctx.needs_input_grad[0]:
             with _device_of(x):
                 dx = provider.input_grad(g, x, ah, aw, o, dy, dph / W, dpw / H, ctx.window,
                                          cfg.gate == "softmax")
-        grads = iter(d_sa + d_ca)
-        return (dx, None, None, *[None if t is None else next(grads) for t in params])
+        grads = [None] * len(PARAM_NAMES)
+        for i, d in zip(spatial_at + channel_at, d_sa + d_ca):
+            grads[i] = d
+        return (dx, None, None, *grads)
 
 
 def fused_scsa(x, params, cfg: Config, provider):

@@ -6,12 +6,12 @@ from typing import Mapping, Optional
 import torch
 
 from . import backends
-from .function import PARAM_NAMES, Config, eager_math, fused_scsa
-from .reference import CONV_NAMES, check_config, check_input, window_of
+from .function import Config, eager_math, fused_scsa
+from .reference import check_config, check_input, window_of
+from .schema import CONV_WEIGHTS, OPTIONAL, PARAM_NAMES, QKV_BIASES, QKV_WEIGHTS, indices, shape
 
-_OPTIONAL = frozenset(f"{m}.bias" for m in "qkv")  # absent with qkv_bias=False
 _PARAM_PATHS = [name.split(".") for name in PARAM_NAMES]
-_QKV_BIASES = [PARAM_NAMES.index(name) for name in sorted(_OPTIONAL)]
+_QKV_BIASES = indices(QKV_BIASES)
 
 
 def scsa(input: torch.Tensor, params: Mapping[str, Optional[torch.Tensor]], *, head_num: int = 1,
@@ -23,7 +23,7 @@ def scsa(input: torch.Tensor, params: Mapping[str, Optional[torch.Tensor]], *, h
     params; `backend` as in scsa_ops.SCSA."""
     backends.check_backend(backend)
     unknown = sorted(set(params) - set(PARAM_NAMES))
-    missing = [n for n in PARAM_NAMES if n not in params and n not in _OPTIONAL]
+    missing = [n for n in PARAM_NAMES if n not in params and n not in OPTIONAL]
     if unknown or missing:
         raise ValueError(f"SCSA: params must hold the official state-dict names; unknown {unknown}, missing {missing}")
     plist = [params.get(n) for n in PARAM_NAMES]
@@ -31,22 +31,14 @@ def scsa(input: torch.Tensor, params: Mapping[str, Optional[torch.Tensor]], *, h
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         raise ValueError(f"SCSA: params['norm.weight'] must be a 1-D tensor of the channels, got {weight!r:.80}")
     dim = weight.shape[0]
-    kernel_sizes = [params[f"{n}.weight"].shape[-1] for n in CONV_NAMES]
+    kernel_sizes = [params[n].shape[-1] for n in CONV_WEIGHTS]
     check_config(dim, head_num, window_size, kernel_sizes, "avg_pool", 0.0, gate_layer)
     for name, t in zip(PARAM_NAMES, plist):
-        expected = _shape(name, dim, kernel_sizes)
+        expected = shape(name, dim, kernel_sizes)
         if t is not None and tuple(t.shape) != expected:
             raise ValueError(f"SCSA: params[{name!r}] must have shape {expected}, got {tuple(t.shape)}")
     check_input(input, dim, window_size, weight.device)
     return run(input, plist, Config(head_num, window_size, gate_layer), backend)
-
-
-def _shape(name, dim, kernel_sizes):
-    """The shape of the official module's parameter `name`."""
-    module, attr = name.split(".")
-    if module in CONV_NAMES:
-        return (dim // 4, 1, kernel_sizes[CONV_NAMES.index(module)]) if attr == "weight" else (dim // 4,)
-    return (dim, 1, 1, 1) if module in "qkv" and attr == "weight" else (dim,)
 
 
 def run(x, params, cfg: Config, backend):
@@ -93,9 +85,9 @@ def _fill_missing(params, dim):
     filled = []
     for i, (name, t) in enumerate(zip(PARAM_NAMES, params)):
         if t is None and not (no_qkv_bias and i in _QKV_BIASES):
-            if name.endswith(".weight") and not name.startswith("norm"):
+            if name in CONV_WEIGHTS or name in QKV_WEIGHTS:
                 raise ValueError(f"SCSA: parameter {name!r} is None; a convolution needs its weight")
-            size = dim // 4 if "dwc" in name else dim
-            t = (torch.ones if name.endswith(".weight") else torch.zeros)(size, dtype=like.dtype, device=like.device)
+            fill = torch.ones if name.endswith(".weight") else torch.zeros  # a GroupNorm weight, or a bias
+            t = fill(shape(name, dim, None), dtype=like.dtype, device=like.device)
         filled.append(t)
     return filled

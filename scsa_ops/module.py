@@ -42,5 +42,5 @@ class SCSA(ReferenceSCSA):
         return self.eager_forward(x)
 
     def state_dict_params(self):
-        """The parameters in function.PARAM_NAMES order (None where a module has none)."""
+        """The parameters in schema.PARAM_NAMES order (None where a module has none)."""
         return functional.module_params(self)

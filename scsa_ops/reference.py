@@ -13,9 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .schema import CONVS
+
 GATES = ("sigmoid", "softmax")
 DOWN_SAMPLE_MODES = ("avg_pool", "max_pool")
-CONV_NAMES = ("local_dwc", "global_dwc_s", "global_dwc_m", "global_dwc_l")
 EPS = 1e-5
 
 
@@ -128,7 +129,7 @@ class SCSA(nn.Module):
         self.attn_drop_ratio = attn_drop_ratio
         self.gate_layer = gate_layer
         self.group_chans = g = dim // 4
-        for name, k in zip(CONV_NAMES, ks):
+        for name, k in zip(CONVS, ks):
             setattr(self, name, nn.Conv1d(g, g, kernel_size=k, padding=k // 2, groups=g))
         self.norm_h = nn.GroupNorm(4, dim)
         self.norm_w = nn.GroupNorm(4, dim)
@@ -144,7 +145,7 @@ class SCSA(nn.Module):
                 f"gate_layer={self.gate_layer!r}")
 
     def convs(self):
-        return [getattr(self, n) for n in CONV_NAMES]
+        return [getattr(self, n) for n in CONVS]
 
     def forward(self, x):
         check_input(x, self.dim, self.window_size, self.norm.weight.device)

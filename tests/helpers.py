@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from scsa_ops import SCSA, reference
-from scsa_ops.function import Params
 from scsa_ops.reference import SCSA as Reference
+from scsa_ops.schema import Params
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -149,10 +149,9 @@ OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 def forward_args(module, x):
     """The arguments of the `forward` op (either namespace) for a module's configuration."""
-    p = Params(module.state_dict_params())
     kh, kw = reference.window_of(module.window_size, *x.shape[2:])
-    return (x, p.conv_w, p.conv_b, *p.norm_h, *p.norm_w, *p.norm, *p.qkv_w, *p.qkv_b, module.head_num, kh, kw,
-            module.gate_layer == "softmax", reference.EPS)
+    return (x, *Params(module.state_dict_params()).op_args(), module.head_num, kh, kw, module.gate_layer == "softmax",
+            reference.EPS)
 
 
 def opcheck_ops(ops, module, x):

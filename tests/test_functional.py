@@ -5,7 +5,7 @@ import torch
 
 from helpers import pair, rel_err
 from scsa_ops import functional
-from scsa_ops.function import PARAM_NAMES
+from scsa_ops.schema import PARAM_NAMES
 
 CASES = [(dict(dim=16, head_num=2), (2, 16, 9, 16)),
          (dict(dim=16, window_size=-1, gate_layer="softmax", qkv_bias=True, group_kernel_sizes=(1, 3, 5, 7)),

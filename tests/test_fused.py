@@ -15,7 +15,8 @@ from helpers import (
     spatial_gate_condition,
 )
 from scsa_ops import SCSA, backends
-from scsa_ops.function import PARAM_NAMES, SCSAFunction
+from scsa_ops.function import SCSAFunction
+from scsa_ops.schema import PARAM_NAMES
 
 # (constructor kwargs, input shape)
 CONFIGS = [

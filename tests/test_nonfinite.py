@@ -9,7 +9,7 @@ import torch
 
 from helpers import eager_and_fused, forward_backward, nonfinite_mismatches
 from scsa_ops import SCSA
-from scsa_ops.function import PARAM_NAMES
+from scsa_ops.schema import PARAM_NAMES
 
 NONFINITE = [float("nan"), float("inf"), float("-inf")]
 # (config, input shape): a map with several windows (N > 1), and one window (the rank-one attention)

@@ -7,7 +7,7 @@ fails too, `load()` returns the reason and the backends fall back to eager (auto
 import importlib
 import logging
 
-from .. import _build
+from .. import _build, schema
 from . import library
 
 log = logging.getLogger("scsa_ops")
@@ -53,6 +53,7 @@ def load():
                 ext, why = None, (f"scsa_ops._C was built for {ext.capability} instructions and this CPU "
                                   f"runs torch at {here}; reinstall to rebuild it here")
         if ext is not None:
+            schema.define("scsa_cpp")
             library.register_fakes("scsa_cpp")
         _state = (None, why) if ext is None else (library.Provider("scsa_cpp", _any_width), None)
     return _state

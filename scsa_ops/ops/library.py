@@ -1,20 +1,11 @@
-"""Every op of the package with torch.library, in one place: the C++ ops' fake implementations
-(the ops themselves are defined in csrc/ops.cpp), the Triton ops (torch.library.triton_op), and
-`Provider`, the calls SCSAFunction makes into one namespace of them. Both namespaces, scsa_cpp and
-scsa_triton, share one schema:
-
-  forward(Tensor x, Tensor[] conv_weights, Tensor[] conv_biases, Tensor norm_h_weight, Tensor norm_h_bias,
-          Tensor norm_w_weight, Tensor norm_w_bias, Tensor norm_weight, Tensor norm_bias, Tensor q_weight,
-          Tensor k_weight, Tensor v_weight, Tensor? q_bias, Tensor? k_bias, Tensor? v_bias, int head_num, int kh,
-          int kw, bool softmax, float eps) -> Tensor[]
-          # [out, p_h, p_w, a_h, a_w, Y, o]
-  gate_grads(Tensor g, Tensor x, Tensor ah, Tensor aw, int kh, int kw) -> (Tensor, Tensor, Tensor, Tensor)
-  input_grad(Tensor g, Tensor x, Tensor ah, Tensor aw, Tensor o, Tensor dy, Tensor dph, Tensor dpw,
-             int kh, int kw, bool softmax) -> Tensor
-
-The fakes mirror the kernels' output rules: csrc/scsa.h `dense` for the layout of full-size outputs,
-the accumulator dtype for the small ones."""
+"""Every op of the package with torch.library, in one place: the schemas of both namespaces
+(scsa_cpp, scsa_triton) come from scsa_ops/schema.py; here are the C++ ops' fake implementations
+(csrc/ only implements the ops), the Triton ops (torch.library.triton_op), and `Provider`, the
+calls SCSAFunction makes into one namespace of them. The fakes mirror the kernels' output rules:
+csrc/scsa.h `dense` for the layout of full-size outputs, the accumulator dtype for the small ones."""
 import torch
+
+from .. import schema
 
 
 def acc_dtype(dtype):
@@ -34,8 +25,8 @@ def _small(x, *shape):
 
 def register_fakes(ns):
     @torch.library.register_fake(f"{ns}::forward")
-    def _forward(x, conv_weights, conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_weight,
-                 norm_bias, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, head_num, kh, kw, softmax, eps):
+    def _forward(x, conv_weights, conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_c_weight,
+                 norm_c_bias, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, head_num, kh, kw, softmax, eps):
         B, C, H, W = x.shape
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_format(x))
         return [out, _small(x, B, C, H), _small(x, 1, B, C, W), _small(x, B, C, H), _small(x, B, C, W),
@@ -54,7 +45,7 @@ def register_fakes(ns):
 
 
 def register_triton_ops(interpreted, *launchers):
-    """scsa_triton::<launcher name> for each launcher (schemas from their annotations). A
+    """scsa_triton::<launcher name> for each launcher, with its schema.SCHEMAS schema. A
     torch.library.triton_op: torch.compile traces into it and sees each kernel (wrap_triton), and the
     launcher run on fake tensors is its fake implementation. Interpreted kernels (TRITON_INTERPRET=1)
     are plain Python that wrap_triton cannot capture, so there the ops are opaque custom ops with
@@ -62,9 +53,9 @@ def register_triton_ops(interpreted, *launchers):
     for fn in launchers:
         name = f"scsa_triton::{fn.__name__}"
         if interpreted:
-            torch.library.custom_op(name, fn, mutates_args=()).register_fake(fn)
+            torch.library.custom_op(name, fn, mutates_args=(), schema=schema.SCHEMAS[fn.__name__]).register_fake(fn)
         else:
-            torch.library.triton_op(name, fn, mutates_args=())
+            torch.library.triton_op(name, fn, mutates_args=(), schema=schema.SCHEMAS[fn.__name__])
 
 
 class Provider:
@@ -82,10 +73,8 @@ class Provider:
         return f"Provider({self.ns!r})"
 
     def forward(self, x, p, cfg, window, eps):
-        """(out, p_h, p_w, a_h, a_w, Y, o); p: function.Params."""
-        out, ph, pw, ah, aw, y, o = self._forward(
-            x, p.conv_w, p.conv_b, *p.norm_h, *p.norm_w, *p.norm, *p.qkv_w, *p.qkv_b, cfg.head_num, *window,
-            cfg.gate == "softmax", eps)
+        """(out, p_h, p_w, a_h, a_w, Y, o); p: schema.Params."""
+        out, ph, pw, ah, aw, y, o = self._forward(x, *p.op_args(), cfg.head_num, *window, cfg.gate == "softmax", eps)
         return out, ph, pw, ah, aw, y, o
 
     def gate_grads(self, g, x, ah, aw, window):

@@ -34,11 +34,11 @@ def _eager(x, conv_w, conv_b, norms, qkv_w, qkv_b, head_num, kh, kw, softmax):
 
 
 def forward(x: Tensor, conv_weights: list[Tensor], conv_biases: list[Tensor], norm_h_weight: Tensor,
-            norm_h_bias: Tensor, norm_w_weight: Tensor, norm_w_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+            norm_h_bias: Tensor, norm_w_weight: Tensor, norm_w_bias: Tensor, norm_c_weight: Tensor, norm_c_bias: Tensor,
             q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Optional[Tensor], k_bias: Optional[Tensor],
             v_bias: Optional[Tensor], head_num: int, kh: int, kw: int, softmax: bool, eps: float) -> list[Tensor]:
-    """The op scsa_triton::forward (schema of scsa_cpp::forward): [out, p_h, p_w, a_h, a_w, Y, o]."""
-    norms = ((norm_h_weight, norm_h_bias), (norm_w_weight, norm_w_bias), (norm_weight, norm_bias))
+    """The op scsa_triton::forward (schema.SCHEMAS): [out, p_h, p_w, a_h, a_w, Y, o]."""
+    norms = ((norm_h_weight, norm_h_bias), (norm_w_weight, norm_w_bias), (norm_c_weight, norm_c_bias))
     qkv_weights, qkv_biases = (q_weight, k_weight, v_weight), (q_bias, k_bias, v_bias)
     params = [*conv_weights, *conv_biases, *[t for n in norms for t in n], *qkv_weights]
     params += [b for b in qkv_biases if b is not None]

@@ -1,0 +1,82 @@
+"""The one parameter schema: the official module's parameter names grouped by the pass that uses
+them, the order every internal list of parameters follows (PARAM_NAMES), and the torch.library
+schemas of the ops, which both namespaces (scsa_cpp, scsa_triton) define from here: csrc/ only
+implements them. One spelling per op argument: `norm_h_*` / `norm_w_*` for the spatial gates'
+GroupNorm(4) of the H and W branches, `norm_c_*` for the channel attention's GroupNorm(1) (the
+official module's `norm`)."""
+from __future__ import annotations
+
+import torch
+
+# F2, the spatial gates: the four depthwise convs, shared by both branches, one per channel group.
+CONVS = ("local_dwc", "global_dwc_s", "global_dwc_m", "global_dwc_l")
+CONV_WEIGHTS = tuple(f"{m}.weight" for m in CONVS)
+CONV_BIASES = tuple(f"{m}.bias" for m in CONVS)
+NORM_H = ("norm_h.weight", "norm_h.bias")
+NORM_W = ("norm_w.weight", "norm_w.bias")
+# F4, the channel attention: its GroupNorm(1) and the depthwise 1x1 q, k, v.
+NORM_C = ("norm.weight", "norm.bias")
+QKV_WEIGHTS = ("q.weight", "k.weight", "v.weight")
+QKV_BIASES = ("q.bias", "k.bias", "v.bias")  # only with qkv_bias=True
+
+SPATIAL_NAMES = tuple(n for pair in zip(CONV_WEIGHTS, CONV_BIASES) for n in pair) + NORM_H + NORM_W
+CHANNEL_NAMES = NORM_C + QKV_WEIGHTS + QKV_BIASES
+PARAM_NAMES = SPATIAL_NAMES + CHANNEL_NAMES  # the official state dict's order
+OPTIONAL = frozenset(QKV_BIASES)
+
+_INDEX = {name: i for i, name in enumerate(PARAM_NAMES)}
+
+
+def indices(names):
+    return tuple(_INDEX[n] for n in names)
+
+
+_GROUPS = [indices(g) for g in (CONV_WEIGHTS, CONV_BIASES, NORM_H, NORM_W, NORM_C, QKV_WEIGHTS, QKV_BIASES)]
+
+
+class Params:
+    """A list of parameter tensors in PARAM_NAMES order, grouped as the passes take them."""
+
+    __slots__ = ("conv_w", "conv_b", "norm_h", "norm_w", "norm_c", "qkv_w", "qkv_b")
+
+    def __init__(self, params):
+        self.conv_w, self.conv_b, self.norm_h, self.norm_w, self.norm_c, self.qkv_w, self.qkv_b = (
+            [params[i] for i in group] for group in _GROUPS)
+
+    def op_args(self):
+        """The parameter arguments of the ops, in PARAMETER_ARGS order."""
+        return (self.conv_w, self.conv_b, *self.norm_h, *self.norm_w, *self.norm_c, *self.qkv_w, *self.qkv_b)
+
+
+def shape(name, dim, kernel_sizes):
+    """The shape of the official module's parameter `name` for `dim` channels."""
+    if name in CONV_WEIGHTS:
+        return (dim // 4, 1, kernel_sizes[CONV_WEIGHTS.index(name)])
+    if name in CONV_BIASES:
+        return (dim // 4,)
+    return (dim, 1, 1, 1) if name in QKV_WEIGHTS else (dim,)
+
+
+PARAMETER_ARGS = (
+    "Tensor[] conv_weights, Tensor[] conv_biases, Tensor norm_h_weight, Tensor norm_h_bias, Tensor norm_w_weight, "
+    "Tensor norm_w_bias, Tensor norm_c_weight, Tensor norm_c_bias, Tensor q_weight, Tensor k_weight, Tensor v_weight, "
+    "Tensor? q_bias, Tensor? k_bias, Tensor? v_bias")
+
+# The ops of one namespace (DESIGN.md sections 2-3). forward returns [out, p_h, p_w, a_h, a_w, Y, o]:
+# the output and the small intermediates the backward needs.
+SCHEMAS = {
+    "forward": f"(Tensor x, {PARAMETER_ARGS}, int head_num, int kh, int kw, bool softmax, float eps) -> Tensor[]",
+    "gate_grads": "(Tensor g, Tensor x, Tensor ah, Tensor aw, int kh, int kw) -> (Tensor, Tensor, Tensor, Tensor)",
+    "input_grad": ("(Tensor g, Tensor x, Tensor ah, Tensor aw, Tensor o, Tensor dy, Tensor dph, Tensor dpw, int kh, "
+                   "int kw, bool softmax) -> Tensor"),
+}
+
+_libraries = {}
+
+
+def define(ns):
+    """Define every op of SCHEMAS in namespace `ns` (once per process)."""
+    if ns not in _libraries:
+        lib = _libraries[ns] = torch.library.Library(ns, "FRAGMENT")
+        for name, schema in SCHEMAS.items():
+            lib.define(name + schema)
