@@ -52,15 +52,15 @@ def collect():
         kwargs = dict(kwargs)
         num_warps = kwargs.pop("num_warps", 4)
         sig, consts = {}, {}
-        for arg_name, val in zip(fn.arg_names, args):
+        for param, arg_name, val in zip(fn.params, fn.arg_names, args):
             if isinstance(val, torch.Tensor):
                 sig[arg_name] = "*" + TYPES[val.dtype]
             elif isinstance(val, bool):
                 sig[arg_name] = "i1"
             elif isinstance(val, int):
                 sig[arg_name] = "i64" if abs(val) >= 2 ** 31 else "i32"
-            else:
-                sig[arg_name] = "fp32"
+            else:  # a float: fp32 unless annotated (the JIT's own rule)
+                sig[arg_name] = param.annotation_type or "fp32"
         for arg_name, val in kwargs.items():
             sig[arg_name] = "constexpr"
             consts[arg_name] = val

@@ -26,6 +26,8 @@ PRESETS = {  # network and input size (H, W); batch: the device default unless f
     "mobilenetv2": dict(network="mobilenetv2", input=(224, 224)),
     "detection": dict(network="resnet50", input=(800, 1333), batch=2),
     "tiny": dict(shapes=[(16, 14, 14), (32, 7, 7)]),  # the benchmark's own test: seconds, not a network
+    # One small map at batch 1, where per-call overhead dominates (the fused-training issue's worst case).
+    "small": dict(shapes=[(64, 14, 14)], batch=1),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -40,7 +42,7 @@ def preset_shapes(name, batch):
     """[((B, C, H, W), how many SCSA modules of the network see it)] in network order."""
     p = PRESETS[name]
     if "shapes" in p:
-        return [((batch, *s), 1) for s in p["shapes"]]
+        return [((p.get("batch", batch), *s), 1) for s in p["shapes"]]
     with torch.device("meta"):
         model = BUILDERS[p["network"]](backend="eager")
     return list(scsa_input_shapes(model, (p.get("batch", batch), 3, *p["input"])).items())

@@ -157,7 +157,7 @@ Tensor input_grad(const Tensor& g_in, const Tensor& x_in, const Tensor& ah_in, c
   Tensor o = check_small(o_in, "o", {B, C}, acc);
   Tensor dy = check_small(dy_in, "dy", {B, C, H / kh, W / kw}, acc);
   Tensor dph = check_small(dph_in, "dph", {B, C, H}, acc), dpw = check_small(dpw_in, "dpw", {B, C, W}, acc);
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(format_of(channels_last)));
+  Tensor dx = alloc(x.sizes(), x.options().memory_format(format_of(channels_last)));
   AT_DISPATCH_FLOATING_TYPES(acc, "scsa_input_grad", [&] {
     using A = scalar_t;
     std::vector<A> ac(B * C);

@@ -72,6 +72,24 @@ struct Inputs {
   A eps;
 };
 
+// sum over k < len of term(k, lanes): vector partial sums over chunks of kChunk elements, the
+// chunks added in fp64. A sample's statistics sum C N terms (tens of thousands with a small
+// window): one fp32 vector accumulator over all of them would lose ~len / 16 ulps.
+constexpr int64_t kChunk = 1024;
+
+template <typename A, typename F>
+double chunked_sum(int64_t len, const F& term) {
+  using V = Vectorized<A>;
+  double total = 0;
+  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    V acc(0);
+    const int64_t end = std::min(len, c0 + kChunk);
+    for (int64_t k = c0; k < end; k += V::size()) acc += term(k, std::min<int64_t>(V::size(), end - k));
+    total += reduce_sum(acc);
+  }
+  return total;
+}
+
 // GroupNorm(1) statistics per sample, folded with the q/k/v convs into per-channel affines:
 // w * ((y - mu) * rstd * gn_w + gn_b) + bias == alpha * (y - mu) + beta. mu is not folded into
 // beta, whose rounding would then be amplified by |mu| / std(y).
@@ -84,15 +102,12 @@ Affine<A> fold_affines(const Inputs<A>& in) {
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const A* yb = in.y + b * M;
-      V s1(0);
-      for_lanes<A>(M, [&](int64_t k, int64_t n) { s1 += V::loadu(yb + k, n); });
-      const A mu = f.mu[b] = reduce_sum(s1) / A(M);
-      V s2(0);
-      for_lanes<A>(M, [&](int64_t k, int64_t n) {
+      const A mu = f.mu[b] = A(chunked_sum<A>(M, [&](int64_t k, int64_t n) { return V::loadu(yb + k, n); }) / M);
+      const double var = chunked_sum<A>(M, [&](int64_t k, int64_t n) {
         auto d = V::loadu(yb + k, n) - V(mu);
-        s2 += V::set(V(0), d * d, n);  // lanes past n would add mu^2
+        return V::set(V(0), d * d, n);  // lanes past n would add mu^2
       });
-      const A rstd = A(1) / std::sqrt(reduce_sum(s2) / A(M) + in.eps);
+      const A rstd = A(1 / std::sqrt(var / M + double(in.eps)));
       for (int64_t c = 0; c < C; ++c) {
         const A g = in.gn_w[c] * rstd, i = b * C + c;
         f.aq[i] = in.wq[c] * g;
@@ -115,17 +130,17 @@ struct HeadScorer {
   using V = Vectorized<A>;
   static constexpr int64_t L = V::size();
   const int64_t N, D, Dp;
-  std::vector<A> kt, vbar, kmax, kmin, q;
-  V tail_v;  // added to the last vector of scores: padding lanes get kPadScore, so exp2() makes them 0
+  std::vector<A> kt, vbar, q, row;
+  A kmax = 0, kmin = 0;  // N == 1: the extremes of the head's keys
+  V tail_v;              // added to the last vector of scores: padding lanes get kPadScore, so exp2() makes them 0
 
-  HeadScorer(int64_t N_, int64_t D_)
-      : N(N_), D(D_), Dp((D_ + L - 1) / L * L), kt(N_ * Dp), vbar(Dp), kmax(N_), kmin(N_), q(N_) {
+  HeadScorer(int64_t N_, int64_t D_) : N(N_), D(D_), Dp((D_ + L - 1) / L * L), kt(N_ * Dp), vbar(Dp), q(N_), row(Dp) {
     alignas(64) A tail[L];
     for (int64_t l = 0; l < L; ++l) tail[l] = (Dp - L + l) < D ? A(0) : A(kPadScore);
     tail_v = V::loadu(tail);
   }
 
-  // K^T, its row extremes, and vbar of the head at channel c0 of sample b.
+  // K^T, vbar and (N == 1) the keys' extremes of the head at channel c0 of sample b.
   void stage(const A* yb, const Affine<A>& f, int64_t b, int64_t C, int64_t c0) {
     std::fill(kt.begin(), kt.end(), A(0));
     std::fill(vbar.begin(), vbar.end(), A(0));
@@ -134,14 +149,14 @@ struct HeadScorer {
       for (int64_t n = 0; n < N; ++n) kt[n * Dp + j] = f.ak[i] * (yb[(c0 + j) * N + n] - f.mu[b]) + f.bk[i];
       vbar[j] = f.vbar[i];
     }
-    for (int64_t n = 0; n < N; ++n) {
+    if (N == 1) {
       V mx(static_cast<A>(kPadScore)), mn(A(-kPadScore));
       for_lanes<A>(D, [&](int64_t j, int64_t m) {
-        const V k = V::loadu(kt.data() + n * Dp + j);
+        const V k = V::loadu(kt.data() + j);
         mx = at::vec::maximum(mx, V::set(V(A(kPadScore)), k, m));
         mn = at::vec::minimum(mn, V::set(V(A(-kPadScore)), k, m));
       });
-      kmax[n] = reduce_max(mx), kmin[n] = -reduce_max(-mn);
+      kmax = reduce_max(mx), kmin = -reduce_max(-mn);
     }
   }
 
@@ -197,6 +212,27 @@ struct HeadScorer {
     num = reduce_sum(vn), den = reduce_sum(vd);
   }
 
+  // The same sums against the row's exact max, from scores computed once into `row` (N > 1: an
+  // upper bound of the max, sum_n max_j q_n K[n, j], would overshoot it by a multiple of the
+  // scores' spread, and exp2(s - bound) then carries the bound's rounding into every term).
+  void softmax_dot_exact(A& num, A& den) {
+    V mx(static_cast<A>(kPadScore));
+    for_blocks(A(0), [&](int64_t j0, int nu, const V* s) {
+      for (int u = 0; u < nu; ++u) {
+        s[u].store(row.data() + j0 + u * L);
+        mx = at::vec::maximum(mx, s[u]);
+      }
+    });
+    const V m(reduce_max(mx));
+    V vn(0), vd(0);
+    for (int64_t j = 0; j < Dp; j += L) {
+      const V p = exp2(V::loadu(row.data() + j) - m);
+      vd += p;
+      vn = at::vec::fmadd(p, V::loadu(vbar.data() + j), vn);
+    }
+    num = reduce_sum(vn), den = reduce_sum(vd);
+  }
+
   A row_max() const {
     V mx(static_cast<A>(kPadScore));
     for_blocks(A(0), [&](int64_t, int nu, const V* s) {
@@ -228,20 +264,20 @@ void rank_one_rows(const A* yb, const Affine<A>& f, const Moments& mom, int64_t 
     if ((done[r - r0] = std::abs(x[r - r0]) * mom.rad <= kMaxRadius)) o[b * C + c0 + r] = A(ratio[r - r0]);
 }
 
-// A row is normalised against an upper bound of its max, sum_n max_j(q_n K[n, j]), so scores,
-// exponentials and sums take one pass (the bound is the exact max when N == 1, as for 7x7 maps
-// with a 7x7 window). If the bound overshoots so far that every term underflows, the row is redone
-// against its exact max.
+// One query row's o. N == 1 (7x7 maps under a 7x7 window): the row's max is exactly q * kmax or
+// q * kmin, so scores, exponentials and sums take one pass; the fallback to the computed max only
+// catches a NaN max. N > 1: the scores are stored once and normalised against their exact max.
 template <typename A>
 A softmax_row(HeadScorer<A>& hs, const A* yq, A aq, A bq, A mu) {
   const A q_scale = A(kLog2e) / std::sqrt(A(hs.D));
   const A min_den = std::numeric_limits<A>::min() * A(1 << 24);
-  A bound = 0, num, den;
-  for (int64_t n = 0; n < hs.N; ++n) {
-    hs.q[n] = (aq * (yq[n] - mu) + bq) * q_scale;
-    bound += hs.q[n] >= 0 ? hs.q[n] * hs.kmax[n] : hs.q[n] * hs.kmin[n];
+  A num, den;
+  for (int64_t n = 0; n < hs.N; ++n) hs.q[n] = (aq * (yq[n] - mu) + bq) * q_scale;
+  if (hs.N > 1) {
+    hs.softmax_dot_exact(num, den);
+    return num / den;
   }
-  hs.softmax_dot(bound, num, den);
+  hs.softmax_dot(hs.q[0] >= 0 ? hs.q[0] * hs.kmax : hs.q[0] * hs.kmin, num, den);
   if (!(den >= min_den)) hs.softmax_dot(hs.row_max(), num, den);
   return num / den;
 }
@@ -262,7 +298,7 @@ void channel_attention_impl(const Inputs<A>& in, A* o) {
       const A* yb = in.y + b * C * N;
       if (bh != staged) {
         hs.stage(yb, f, b, C, c0);
-        if (rank_one) key_moments(hs.kt.data(), hs.vbar.data(), D, hs.kmax[0], hs.kmin[0], mom);
+        if (rank_one) key_moments(hs.kt.data(), hs.vbar.data(), D, hs.kmax, hs.kmin, mom);
         staged = bh;
       }
       const int64_t r0 = t % chunks * kRowsPerTask, r1 = std::min(D, r0 + kRowsPerTask);

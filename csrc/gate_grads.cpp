@@ -126,8 +126,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gate_grads(const Tensor& g_in, const 
   const auto acc = acc_dtype(x.scalar_type());
   Tensor ah = check_small(ah_in, "a_h", {B, C, H}, acc), aw = check_small(aw_in, "a_w", {B, C, W}, acc);
   const auto opts = ah.options();
-  Tensor r = at::empty({B, C, H}, opts), s = at::empty({B, C, hc, W}, opts);
-  Tensor u = at::empty({B, C, ho * kh, wo}, opts), v = at::empty({B, C, ho, wo * kw}, opts);
+  Tensor r = alloc({B, C, H}, opts), s = alloc({B, C, hc, W}, opts);
+  Tensor u = alloc({B, C, ho * kh, wo}, opts), v = alloc({B, C, ho, wo * kw}, opts);
   const Sums out{r.data_ptr(), s.data_ptr(), u.data_ptr(), v.data_ptr()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "scsa_gate_grads", [&] {
     using A = acc_t<scalar_t>;

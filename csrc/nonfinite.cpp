@@ -44,7 +44,7 @@ Tensor qkv(const Forward& f, const Tensor& yn, const Tensor& w, const Tensor& bi
 
 }  // namespace
 
-bool parameters_finite(const Forward& f) {
+bool parameters_finite(const Weights& f) {
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES(f.norm_c_weight.scalar_type(), "scsa_parameters_finite", [&] {
     for (const auto* list : {&f.conv_w, &f.conv_b})

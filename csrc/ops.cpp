@@ -13,6 +13,7 @@ TORCH_LIBRARY_IMPL(scsa_cpp, CPU, m) {
   m.impl("forward", &scsa::forward);
   m.impl("gate_grads", &scsa::gate_grads);
   m.impl("input_grad", &scsa::input_grad);
+  m.impl("backward", &scsa::backward);
 }
 
 // The ops are the inside of scsa_ops.function.SCSAFunction, which owns their gradients; called
@@ -21,6 +22,7 @@ TORCH_LIBRARY_IMPL(scsa_cpp, Autograd, m) {
   m.impl("forward", torch::autograd::autogradNotImplementedFallback());
   m.impl("gate_grads", torch::autograd::autogradNotImplementedFallback());
   m.impl("input_grad", torch::autograd::autogradNotImplementedFallback());
+  m.impl("backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

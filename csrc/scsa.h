@@ -11,7 +11,9 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
@@ -154,6 +156,17 @@ inline int64_t grain(int64_t elems_per_item) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
 }
 
+// Every output of a pass. Tests set SCSA_OPS_POISON=1 so that outputs start as NaN and an element a
+// pass forgets to write fails them instead of passing on whatever the allocator held.
+inline Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  static const bool poison = [] {
+    const char* v = std::getenv("SCSA_OPS_POISON");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  Tensor t = at::empty(sizes, opts);
+  return poison ? t.fill_(std::numeric_limits<double>::quiet_NaN()) : t;
+}
+
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // X as one of the two layouts the passes handle. NCHW wins when a tensor is both (C == 1 or
@@ -227,20 +240,61 @@ inline void channel_gate(const A* o, A* ac, int64_t B, int64_t C, bool softmax) 
   }
 }
 
-// One forward call, checked and converted once (forward.cpp): the input, every parameter in the
-// accumulator dtype, and the outputs the passes fill. Each pass runs on samples [b0, b0 + nb).
-struct Forward {
+// The parameters of one call, checked and converted once to the accumulator dtype (contiguous).
+struct Weights {
+  std::vector<Tensor> conv_w, conv_b;  // (G * k_i) and (G) per channel group
+  std::vector<int64_t> kernel_sizes;
+  Tensor norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_c_weight, norm_c_bias;
+  Tensor q_weight, k_weight, v_weight, q_bias, k_bias, v_bias;  // biases undefined without qkv_bias
+};
+
+Weights load_weights(int64_t C, at::ScalarType acc, at::TensorList conv_weights, at::TensorList conv_biases,
+                     const Tensor& norm_h_weight, const Tensor& norm_h_bias, const Tensor& norm_w_weight,
+                     const Tensor& norm_w_bias, const Tensor& norm_c_weight, const Tensor& norm_c_bias,
+                     const Tensor& q_weight, const Tensor& k_weight, const Tensor& v_weight,
+                     const std::optional<Tensor>& q_bias, const std::optional<Tensor>& k_bias,
+                     const std::optional<Tensor>& v_bias);
+
+// One forward call: the input, its parameters, and the outputs the passes fill. Each pass runs on
+// samples [b0, b0 + nb).
+struct Forward : Weights {
   Tensor x;
   bool channels_last;
   int64_t B, C, H, W, kh, kw, head_num;
   bool softmax;
   double eps;
-  std::vector<Tensor> conv_w, conv_b;  // (G * k_i) and (G) per channel group
-  std::vector<int64_t> kernel_sizes;
-  Tensor norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_c_weight, norm_c_bias;
-  Tensor q_weight, k_weight, v_weight, q_bias, k_bias, v_bias;  // biases undefined without qkv_bias
   Tensor out, ph, pw, ah, aw, y, o;  // pw: (1, B, C, W), the Triton provider's banded layout with one band
 };
+
+// One backward call (backward.cpp): the forward's intermediates and the sums of the first
+// full-size pass (gate_grads) in, per-sample results out. The small graphs of DESIGN.md 3.2 run
+// per sample b, each writing only row b of dy / dph / dpw / partials, so samples run in parallel
+// and the parameter gradients, partials summed over b in order, do not depend on the threads.
+struct Backward : Weights {
+  at::ScalarType dtype;  // x's
+  int64_t B, C, H, W, kh, kw, head_num;
+  bool softmax;
+  double eps;
+  Tensor ph, pw, ah, aw, y, o;  // the forward's: (B, C, H), (1, B, C, W), (B, C, H), (B, C, W), (B, C, N), (B, C)
+  Tensor r, s, u, v;            // gate_grads' sums
+  Tensor dy, dph, dpw;          // input_grad's: dL/dY / (KH KW), dL/dp_h / W, dL/dp_w / H
+  Tensor partials;              // (B, P): each sample's parameter gradients, in the op's output order
+  // Where each gradient starts in a row of partials: conv weights (4), conv biases (4), norm_h
+  // weight and bias, norm_w, norm_c, q/k/v weights, q/k/v biases (with qkv_bias).
+  std::vector<int64_t> at;
+};
+
+// Indices into Backward::at.
+constexpr int kConvW = 0, kConvB = 4, kNormH = 8, kNormW = 10, kNormC = 12, kQkvW = 14, kQkvB = 17;
+
+// Sample b's channel attention backward: dA = dL/da_c (C) in, a_c (C) out; writes dy[b] and the
+// norm_c / q / k / v partials.
+template <typename A>
+void channel_attention_backward(Backward& bw, int64_t b, const A* dA, A* ac);
+// Sample b's spatial gate backward of branch h (H) or w (W): da = dL/da (C, L) in; writes dph[b]
+// or dpw[b] and the norm_h or norm_w partials, and adds into the conv partials.
+template <typename A>
+void spatial_gate_backward(Backward& bw, int64_t b, bool branch_w, const A* da);
 
 void pool(Forward& f, int64_t b0, int64_t nb);
 void spatial_gate(Forward& f, int64_t b0, int64_t nb);
@@ -248,7 +302,7 @@ void gated_pool(Forward& f, int64_t b0, int64_t nb);
 void channel_attention(Forward& f, int64_t b0, int64_t nb);
 void apply_gates(Forward& f, int64_t b0, int64_t nb);
 // nonfinite.cpp: whether every parameter is finite, and the forward for when one is not.
-bool parameters_finite(const Forward& f);
+bool parameters_finite(const Weights& f);
 std::vector<Tensor> forward_eager(const Forward& f);
 
 std::vector<Tensor> forward(const Tensor& x, at::TensorList conv_weights, at::TensorList conv_biases,
@@ -262,5 +316,13 @@ Tensor input_grad(const Tensor& g, const Tensor& x, const Tensor& ah, const Tens
                   const Tensor& dy, const Tensor& dph, const Tensor& dpw, int64_t kh, int64_t kw, bool softmax);
 std::tuple<Tensor, Tensor, Tensor, Tensor> gate_grads(const Tensor& g, const Tensor& x, const Tensor& ah,
                                                       const Tensor& aw, int64_t kh, int64_t kw);
+std::vector<Tensor> backward(const Tensor& g, const Tensor& x, at::TensorList conv_weights, at::TensorList conv_biases,
+                             const Tensor& norm_h_weight, const Tensor& norm_h_bias, const Tensor& norm_w_weight,
+                             const Tensor& norm_w_bias, const Tensor& norm_c_weight, const Tensor& norm_c_bias,
+                             const Tensor& q_weight, const Tensor& k_weight, const Tensor& v_weight,
+                             const std::optional<Tensor>& q_bias, const std::optional<Tensor>& k_bias,
+                             const std::optional<Tensor>& v_bias, const Tensor& ph, const Tensor& pw, const Tensor& ah,
+                             const Tensor& aw, const Tensor& y, const Tensor& o, int64_t head_num, int64_t kh,
+                             int64_t kw, bool softmax, double eps, bool input_grad);
 
 }  // namespace scsa

@@ -1,11 +1,11 @@
 """The one autograd Function of the fused SCSA, shared by every provider (Triton, C++).
 
-A provider is a namespace of three launchers: `forward` (DESIGN.md section 2: the five passes,
-returning the output and the small intermediates the backward needs; the Triton provider launches
-them one by one, the C++ one runs them sample-major in one call), and the backward's two full-size
-passes `gate_grads, input_grad` (section 3). This file only orchestrates them; the small graphs of the
-backward (spatial gate, channel attention) are differentiated with torch.func.vjp on recomputed
-small tensors, which also yields every parameter gradient.
+A provider is a namespace of ops (library.Provider): `forward` (DESIGN.md section 2: the five
+passes, returning the output and the small intermediates the backward needs), and for the backward
+(section 3) either `backward`, the whole of it in one call (the C++ provider: both full-size passes,
+the small graphs differentiated by hand, the parameter gradients), or its two full-size passes
+`gate_grads, input_grad`, between which this file differentiates the small graphs (spatial gate,
+channel attention) with torch.func.vjp on recomputed small tensors (the Triton provider, for now).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .reference import EPS, channel_attention_logits, channel_gate, forward_parts, spatial_gate, window_of
-from .schema import CHANNEL_NAMES, PARAM_NAMES, SPATIAL_NAMES, Params, indices
+from .schema import CHANNEL_NAMES, PARAM_NAMES, SPATIAL_NAMES, Params, in_param_order, indices
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,11 @@ class SCSAFunction(torch.autograd.Function):
         if not parameters_finite([t for t in params if t is not None]):
             dx, *grads = _eager_backward(x, params, cfg, g, ctx.needs_input_grad[0])
             return (dx, None, None, *grads)
+        if provider.fused_backward:
+            with _device_of(x):
+                dx, grads = provider.backward(g, x, Params(params), (ph, pw, ah, aw, y, o), cfg, ctx.window, EPS,
+                                              ctx.needs_input_grad[0])
+            return (dx, None, None, *in_param_order(grads))
         H, W = x.shape[2:]
         ho, wo = H // kh, W // kw
         acc = ah.dtype

@@ -57,18 +57,36 @@ def shape(name, dim, kernel_sizes):
     return (dim, 1, 1, 1) if name in QKV_WEIGHTS else (dim,)
 
 
+# The parameter arguments of the ops, flattened (the order of the backward op's gradients).
+OP_ORDER = CONV_WEIGHTS + CONV_BIASES + NORM_H + NORM_W + NORM_C + QKV_WEIGHTS + QKV_BIASES
+_OP_AT = indices(OP_ORDER)
+
+
+def in_param_order(op_grads):
+    """Gradients in OP_ORDER (without the q/k/v biases if absent) -> a list in PARAM_NAMES order."""
+    grads = [None] * len(PARAM_NAMES)
+    for i, grad in zip(_OP_AT, op_grads):
+        grads[i] = grad
+    return grads
+
+
 PARAMETER_ARGS = (
     "Tensor[] conv_weights, Tensor[] conv_biases, Tensor norm_h_weight, Tensor norm_h_bias, Tensor norm_w_weight, "
     "Tensor norm_w_bias, Tensor norm_c_weight, Tensor norm_c_bias, Tensor q_weight, Tensor k_weight, Tensor v_weight, "
     "Tensor? q_bias, Tensor? k_bias, Tensor? v_bias")
 
 # The ops of one namespace (DESIGN.md sections 2-3). forward returns [out, p_h, p_w, a_h, a_w, Y, o]:
-# the output and the small intermediates the backward needs.
+# the output and the small intermediates the backward needs. backward is the whole backward in one
+# call, [dX (empty unless input_grad), the parameters' gradients in OP_ORDER]; gate_grads and
+# input_grad are its two full-size passes, which the Triton provider launches around the small
+# graphs (it has no `backward` op yet).
 SCHEMAS = {
     "forward": f"(Tensor x, {PARAMETER_ARGS}, int head_num, int kh, int kw, bool softmax, float eps) -> Tensor[]",
     "gate_grads": "(Tensor g, Tensor x, Tensor ah, Tensor aw, int kh, int kw) -> (Tensor, Tensor, Tensor, Tensor)",
     "input_grad": ("(Tensor g, Tensor x, Tensor ah, Tensor aw, Tensor o, Tensor dy, Tensor dph, Tensor dpw, int kh, "
                    "int kw, bool softmax) -> Tensor"),
+    "backward": (f"(Tensor g, Tensor x, {PARAMETER_ARGS}, Tensor ph, Tensor pw, Tensor ah, Tensor aw, Tensor y, "
+                 "Tensor o, int head_num, int kh, int kw, bool softmax, float eps, bool input_grad) -> Tensor[]"),
 }
 
 _libraries = {}

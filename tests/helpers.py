@@ -155,7 +155,8 @@ def forward_args(module, x):
 
 
 def opcheck_ops(ops, module, x):
-    """torch.library.opcheck of forward, gate_grads and input_grad of the namespace `ops`."""
+    """torch.library.opcheck of forward, gate_grads, input_grad and (where the namespace has it)
+    backward of the namespace `ops`."""
     args = forward_args(module, x)
     kh, kw, softmax = args[-4:-1]
     torch.library.opcheck(ops.forward.default, args, test_utils=OPCHECKS)
@@ -165,3 +166,7 @@ def opcheck_ops(ops, module, x):
     dy, dph, dpw = torch.randn_like(y), torch.randn_like(ah), torch.randn_like(aw)
     torch.library.opcheck(ops.input_grad.default, (g, x, ah, aw, o, dy, dph, dpw, kh, kw, softmax),
                           test_utils=OPCHECKS)
+    if hasattr(ops, "backward"):
+        for input_grad in (True, False):
+            torch.library.opcheck(ops.backward.default, (g, *args[:-5], ph, pw, ah, aw, y, o, *args[-5:], input_grad),
+                                  test_utils=OPCHECKS)

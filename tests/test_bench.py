@@ -83,17 +83,21 @@ def test_bad_arguments_are_rejected(capsys):
     assert "fp16 is a GPU dtype" in capsys.readouterr().err
 
 
-def test_model_bench_end_to_end(tmp_path):
+@pytest.mark.parametrize("train", [False, True])
+def test_model_bench_end_to_end(tmp_path, train):
     out = tmp_path / "model.json"
-    bench_model.main(["--model", "mobilenetv2", "--batch", "1", "--reps", "2", "--out", str(out)])
+    bench_model.main(["--model", "mobilenetv2", "--batch", "2", "--reps", "2", "--out", str(out)]
+                     + (["--train"] if train else []))
     payload = _read(out)
     assert payload["benchmark"] == "model" and payload["settings"]["compile"] is False  # CPU default
+    assert payload["settings"]["train"] is train
     (r,) = payload["rows"]
-    expected = {"model", "batch", "size", "amp", "channels_last", "fused_backend", "fused_speedup_vs_eager"}
+    assert r["train"] is train
+    expected = {"model", "batch", "size", "amp", "channels_last", "train", "fused_backend", "fused_speedup_vs_eager"}
     expected |= {f"{k}_{s}" for k in bench_model.VARIANTS for s in ("ms", "images_per_s")}
     expected |= {f"{k}_fraction_kept" for k in bench_model.KEPT}
     assert set(r) == expected
     _positive(r, ["plain_ms", "scsa_eager_ms", "scsa_fused_ms", "scsa_fused_fraction_kept", "fused_speedup_vs_eager"])
-    assert r["plain_images_per_s"] == pytest.approx(1e3 / r["plain_ms"])
+    assert r["plain_images_per_s"] == pytest.approx(2e3 / r["plain_ms"])
     assert r["scsa_eager_fraction_kept"] == pytest.approx(r["plain_ms"] / r["scsa_eager_ms"])
     assert r["plain_compile_ms"] is None and r["scsa_compile_fraction_kept"] is None

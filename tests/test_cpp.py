@@ -146,6 +146,57 @@ def test_opcheck(provider, cfg, shape, channels_last):
     opcheck_ops(torch.ops.scsa_cpp, fused, x)
 
 
+def _gradients(fused, x, g):
+    return torch.autograd.grad(fused(x), [x, *fused.parameters()], g)
+
+
+def test_backward_is_one_op_call(provider):
+    """The whole backward is scsa_cpp::backward: no PyTorch op before or after it (the parameter
+    finiteness check is cached after the first call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    _, fused = pair(dict(dim=16, head_num=2, qkv_bias=True), backend="cpp", device="cpu")
+    x = torch.randn(2, 16, 14, 15, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(x)
+    _gradients(fused, x, g)
+    out = fused(x)
+    with Ops() as mode:
+        torch.autograd.grad(out, [x, *fused.parameters()], g)
+    assert mode.ops == ["scsa_cpp.backward.default"], mode.ops
+
+
+@pytest.mark.parametrize("cfg,shape", [
+    (dict(dim=32, head_num=4, qkv_bias=True), (5, 32, 15, 22)),
+    (dict(dim=64, window_size=-1, gate_layer="softmax"), (3, 64, 7, 9)),
+])
+def test_backward_bitwise_across_threads(provider, cfg, shape):
+    """Parameter gradients are per-sample partials summed over the batch in order: the same bits for
+    1 and 2 threads and for repeated calls (no atomics, no thread-dependent reduction)."""
+    _, fused = pair(cfg, backend="cpp", device="cpu")
+    fused = fused.float()
+    x = torch.randn(shape, requires_grad=True)
+    g = torch.randn(shape)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            results.append(_gradients(fused, x, g))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def test_fake_layout_rule():
     x = torch.empty(2, 8, 5, 5)
     assert output_format(x) == torch.contiguous_format

@@ -43,6 +43,17 @@ def register_fakes(ns):
     def _input_grad(g, x, ah, aw, o, dy, dph, dpw, kh, kw, softmax):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_format(x))
 
+    @torch.library.register_fake(f"{ns}::backward")
+    def _backward(g, x, conv_weights, conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias,
+                  norm_c_weight, norm_c_bias, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, ph, pw, ah, aw, y,
+                  o, head_num, kh, kw, softmax, eps, input_grad):
+        params = [*conv_weights, *conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_c_weight,
+                  norm_c_bias, q_weight, k_weight, v_weight]
+        if q_bias is not None:
+            params += [q_bias, k_bias, v_bias]
+        dx = _input_grad(g, x, ah, aw, o, None, None, None, kh, kw, softmax) if input_grad else x.new_empty(0)
+        return [dx, *[t.new_empty(t.shape) for t in params]]
+
 
 def register_triton_ops(interpreted, *launchers):
     """scsa_triton::<launcher name> for each launcher, with its schema.SCHEMAS schema. A
@@ -68,6 +79,9 @@ class Provider:
         self.ns, self.fits = ns, fits
         self._forward, self._gate_grads, self._input_grad = (
             ops.forward.default, ops.gate_grads.default, ops.input_grad.default)
+        # The whole backward as one op, where the namespace has it (else SCSAFunction runs the small
+        # graphs between gate_grads and input_grad).
+        self._backward = ops.backward.default if hasattr(ops, "backward") else None
 
     def __repr__(self):
         return f"Provider({self.ns!r})"
@@ -76,6 +90,17 @@ class Provider:
         """(out, p_h, p_w, a_h, a_w, Y, o); p: schema.Params."""
         out, ph, pw, ah, aw, y, o = self._forward(x, *p.op_args(), cfg.head_num, *window, cfg.gate == "softmax", eps)
         return out, ph, pw, ah, aw, y, o
+
+    @property
+    def fused_backward(self):
+        return self._backward is not None
+
+    def backward(self, g, x, p, saved, cfg, window, eps, input_grad):
+        """(dX or None, the parameters' gradients in schema.OP_ORDER); saved: the forward's
+        (p_h, p_w, a_h, a_w, Y, o)."""
+        dx, *grads = self._backward(g, x, *p.op_args(), *saved, cfg.head_num, *window, cfg.gate == "softmax", eps,
+                                    input_grad)
+        return (dx if input_grad else None), grads
 
     def gate_grads(self, g, x, ah, aw, window):
         return self._gate_grads(g, x, ah, aw, *window)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import alloc, launch, pow2, tl_dtype
+from .utils import alloc, as_acc, launch, pow2, tl_dtype
 
 # Elements of Y per step of the GroupNorm(1) statistics sweep (the whole sample, C * N values).
 STATS_BLOCK = 1024
@@ -37,7 +37,7 @@ def _channel_attention_fwd_kernel(
     gn_w, gn_b,  # (C,) GroupNorm(1) affine
     wq, wk, wv,  # (C,) depthwise 1x1 conv weights
     bq, bk, bv,  # (C,) their biases (ignored unless HAS_BIAS)
-    C, N, D, eps,
+    C, N, D, eps: tl.float64,
     HAS_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -56,7 +56,7 @@ def _channel_attention_fwd_kernel(
         s2 += d * d
     mean_d = tl.sum(s1, axis=0) / (C * N)
     mu = shift + mean_d
-    rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(s2, axis=0) / (C * N) - mean_d * mean_d, 0.0) + eps)
+    rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(s2, axis=0) / (C * N) - mean_d * mean_d, 0.0) + as_acc(eps, ACC))
 
     qi = tl.program_id(2) * BLOCK_I + tl.arange(0, BLOCK_I)
     ci = head * D + qi

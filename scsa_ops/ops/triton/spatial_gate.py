@@ -7,7 +7,7 @@ group (mean, centred variance, output) instead of being staged in memory."""
 import triton
 import triton.language as tl
 
-from .utils import alloc, launch, pow2, tile_elems, tl_dtype
+from .utils import alloc, as_acc, launch, pow2, tile_elems, tl_dtype
 
 
 @triton.jit
@@ -104,18 +104,19 @@ def _spatial_gate_fwd_kernel(
     aw_ptr,  # (B, C, W) out
     nh_w, nh_b, nw_w, nw_b,  # (C,) GroupNorm(4) affines of the H and W branches
     w0, b0, w1, b1, w2, b2, w3, b3,  # (G, 1, K_i) depthwise conv weights, (G,) biases
-    B, C, H, W, nbands, eps,
+    B, C, H, W, nbands, eps: tl.float64,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, SOFTMAX: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     grp = tl.program_id(1)
+    eps_acc = as_acc(eps, ACC)
     if tl.program_id(2) == 0:
         _gate_branch(ph_ptr, 1, 0, W, ah_ptr, nh_w, nh_b, w0, b0, w1, b1, w2, b2, w3, b3,
-                     b, grp, C, H, eps, K0, K1, K2, K3, SOFTMAX, BLOCK_G, BLOCK_H, ACC)
+                     b, grp, C, H, eps_acc, K0, K1, K2, K3, SOFTMAX, BLOCK_G, BLOCK_H, ACC)
     else:
         _gate_branch(pw_ptr, nbands, B * C * W, H, aw_ptr, nw_w, nw_b, w0, b0, w1, b1, w2, b2,
-                     w3, b3, b, grp, C, W, eps, K0, K1, K2, K3, SOFTMAX, BLOCK_G, BLOCK_W, ACC)
+                     w3, b3, b, grp, C, W, eps_acc, K0, K1, K2, K3, SOFTMAX, BLOCK_G, BLOCK_W, ACC)
 
 
 def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes, softmax, eps):

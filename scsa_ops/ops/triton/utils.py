@@ -83,6 +83,14 @@ def num_warps(tile_elems, dtype):
 
 
 @triton.jit
+def as_acc(v, ACC: tl.constexpr):
+    """A float argument as an ACC scalar. Kernels annotate float arguments `tl.float64`: the GPU JIT
+    types an unannotated Python float fp32, which would round eps = 1e-5 in fp64 runs (the
+    interpreter passes the Python float itself, so only a GPU showed it)."""
+    return tl.sum(tl.zeros([1], ACC) + v, axis=0).to(ACC)
+
+
+@triton.jit
 def lt_block(i, n, like):
     """`i < n` for a scalar i, as a boolean block shaped like `like`. The interpreter turns
     `block & scalar_bool` into int32, which tl.load rejects as a mask; a block compare does not."""

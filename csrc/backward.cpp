@@ -1,0 +1,128 @@
+// The CPU backward (DESIGN.md section 3), one op call: the first full-size pass (gate_grads), the
+// small graphs per sample (channel attention, then both spatial gates, differentiated by hand in
+// channel_attention_backward.cpp and spatial_gate_backward.cpp), the second full-size pass
+// (input_grad), and the parameter gradients: per-sample partials summed over the batch in order,
+// so they are bitwise the same for any number of threads.
+#include "scsa.h"
+
+namespace scsa {
+namespace {
+
+// Sample b: dL/da_c from the first pass's sums, the channel attention's backward, then dL/da_h and
+// dL/da_w (the direct part a_c * sum, plus the pooled part through dL/dY) into the spatial gates'.
+template <typename A>
+void sample_backward(Backward& bw, int64_t b) {
+  const int64_t C = bw.C, H = bw.H, W = bw.W, kh = bw.kh, kw = bw.kw;
+  const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh;
+  const A* r = bw.r.const_data_ptr<A>() + b * C * H;
+  const A* s = bw.s.const_data_ptr<A>() + b * C * hc * W;
+  const A* u = bw.u.const_data_ptr<A>() + b * C * ho * kh * wo;
+  const A* v = bw.v.const_data_ptr<A>() + b * C * ho * wo * kw;
+  const A* ah = bw.ah.const_data_ptr<A>() + b * C * H;
+  std::vector<A> dA(C), ac(C), dah(C * H), daw(C * W);
+  for (int64_t c = 0; c < C; ++c) {
+    A sum = 0;
+    for (int64_t h = 0; h < H; ++h) sum += ah[c * H + h] * r[c * H + h];
+    dA[c] = sum;
+  }
+  channel_attention_backward<A>(bw, b, dA.data(), ac.data());
+  const A* dy = bw.dy.const_data_ptr<A>() + b * C * ho * wo;
+  for (int64_t c = 0; c < C; ++c) {
+    const A* dyc = dy + c * ho * wo;
+    for (int64_t h = 0; h < H; ++h) {
+      A pooled = 0;
+      if (h < ho * kh)
+        for (int64_t j = 0; j < wo; ++j) pooled += u[(c * ho * kh + h) * wo + j] * dyc[h / kh * wo + j];
+      dah[c * H + h] = ac[c] * r[c * H + h] + pooled;
+    }
+    for (int64_t w = 0; w < W; ++w) {
+      A direct = 0, pooled = 0;
+      for (int64_t i = 0; i < hc; ++i) direct += s[(c * hc + i) * W + w];
+      if (w < wo * kw)
+        for (int64_t i = 0; i < ho; ++i) pooled += v[(c * ho + i) * wo * kw + w] * dyc[i * wo + w / kw];
+      daw[c * W + w] = ac[c] * direct + pooled;
+    }
+  }
+  spatial_gate_backward<A>(bw, b, false, dah.data());
+  spatial_gate_backward<A>(bw, b, true, daw.data());
+}
+
+// Offsets of each gradient in a row of partials (Backward::at), and the row's length.
+int64_t layout(Backward& bw) {
+  const int64_t C = bw.C, G = C / 4;
+  std::vector<int64_t> sizes;
+  for (int64_t k : bw.kernel_sizes) sizes.push_back(G * k);
+  for (int i = 0; i < 4; ++i) sizes.push_back(G);
+  for (int i = 0; i < (bw.q_bias.defined() ? 12 : 9); ++i) sizes.push_back(C);  // 3 norms x 2, q/k/v (+ biases)
+  int64_t total = 0;
+  for (int64_t n : sizes) bw.at.push_back(total), total += n;
+  bw.at.push_back(total);
+  return total;
+}
+
+}  // namespace
+
+std::vector<Tensor> backward(const Tensor& g, const Tensor& x, at::TensorList conv_weights, at::TensorList conv_biases,
+                             const Tensor& norm_h_weight, const Tensor& norm_h_bias, const Tensor& norm_w_weight,
+                             const Tensor& norm_w_bias, const Tensor& norm_c_weight, const Tensor& norm_c_bias,
+                             const Tensor& q_weight, const Tensor& k_weight, const Tensor& v_weight,
+                             const std::optional<Tensor>& q_bias, const std::optional<Tensor>& k_bias,
+                             const std::optional<Tensor>& v_bias, const Tensor& ph, const Tensor& pw, const Tensor& ah,
+                             const Tensor& aw, const Tensor& y, const Tensor& o, int64_t head_num, int64_t kh,
+                             int64_t kw, bool softmax, double eps, bool input_grad) {
+  check_x(x, "x");
+  check_window(x, kh, kw);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), ho = H / kh, wo = W / kw;
+  TORCH_CHECK(head_num >= 1 && C % head_num == 0, "scsa_cpp: head_num ", head_num, " must divide C = ", C);
+  const auto acc = acc_dtype(x.scalar_type());
+  Backward bw;
+  static_cast<Weights&>(bw) =
+      load_weights(C, acc, conv_weights, conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias,
+                   norm_c_weight, norm_c_bias, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias);
+  bw.dtype = x.scalar_type(), bw.B = B, bw.C = C, bw.H = H, bw.W = W, bw.kh = kh, bw.kw = kw, bw.head_num = head_num,
+  bw.softmax = softmax;
+  bw.eps = eps;
+  bw.ph = check_small(ph, "p_h", {B, C, H}, acc), bw.pw = check_small(pw, "p_w", {1, B, C, W}, acc);
+  bw.ah = check_small(ah, "a_h", {B, C, H}, acc), bw.aw = check_small(aw, "a_w", {B, C, W}, acc);
+  bw.y = check_small(y, "Y", {B, C, ho, wo}, acc).view({B, C, ho * wo});
+  bw.o = check_small(o, "o", {B, C}, acc);
+  std::tie(bw.r, bw.s, bw.u, bw.v) = gate_grads(g, x, bw.ah, bw.aw, kh, kw);
+  const auto opts = bw.ah.options();
+  bw.dy = alloc({B, C, ho, wo}, opts);
+  bw.dph = alloc({B, C, H}, opts), bw.dpw = alloc({B, C, W}, opts);
+  const int64_t P = layout(bw);
+  bw.partials = at::zeros({B, P}, opts);
+  std::vector<const Tensor*> params;
+  for (const auto& t : conv_weights) params.push_back(&t);
+  for (const auto& t : conv_biases) params.push_back(&t);
+  for (const auto* t : {&norm_h_weight, &norm_h_bias, &norm_w_weight, &norm_w_bias, &norm_c_weight, &norm_c_bias,
+                        &q_weight, &k_weight, &v_weight})
+    params.push_back(t);
+  if (q_bias) params.insert(params.end(), {&*q_bias, &*k_bias, &*v_bias});
+  std::vector<Tensor> grads;
+  for (const Tensor* t : params) grads.push_back(alloc(t->sizes(), opts));
+  AT_DISPATCH_FLOATING_TYPES(acc, "scsa_backward", [&] {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) sample_backward<scalar_t>(bw, b);
+    });
+    const scalar_t* part = bw.partials.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < grads.size(); ++i) {
+      scalar_t* sum = grads[i].data_ptr<scalar_t>() - bw.at[i];
+      at::parallel_for(bw.at[i], bw.at[i + 1], grain(B), [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          scalar_t t = 0;
+          for (int64_t b = 0; b < B; ++b) t += part[b * P + k];  // in sample order: deterministic
+          sum[k] = t;
+        }
+      });
+    }
+  });
+  std::vector<Tensor> out{input_grad
+                              ? scsa::input_grad(g, x, bw.ah, bw.aw, bw.o, bw.dy, bw.dph, bw.dpw, kh, kw, softmax)
+                              : at::empty({0}, x.options())};
+  // Each gradient in its parameter's dtype.
+  for (size_t i = 0; i < grads.size(); ++i) out.push_back(grads[i].to(params[i]->scalar_type()));
+  return out;
+}
+
+}  // namespace scsa

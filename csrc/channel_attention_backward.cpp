@@ -1,0 +1,168 @@
+// The backward of F4 (DESIGN.md 3.2) for one sample: the channel gate, the per-head softmax over
+// key channels, q/k/v and GroupNorm(1), differentiated by hand. Channels are the tokens and the N
+// pooled positions the features, so every (position, channel) array here is stored transposed,
+// [n * C + c]: the loops over key channels then run in whole vectors, also when N is 1 (7x7 maps
+// under a 7x7 window, global pooling). A query row's probabilities are recomputed from its scores
+// (D exponentials), as flash attention's backward does, and never stored as a D x D matrix.
+#include <cmath>
+
+#include "scsa.h"
+
+namespace scsa {
+namespace {
+
+// Sample b's pooled map normalised and projected: Yhat, Yn, Q, K (all [n * C + c]), vbar (C).
+template <typename A>
+struct Projected {
+  A mu, rstd;
+  std::vector<A> yhat, yn, q, k, vbar;
+};
+
+template <typename A>
+Projected<A> project(const Backward& bw, int64_t b) {
+  const int64_t C = bw.C, N = bw.y.size(2), M = C * N;
+  const A* y = bw.y.const_data_ptr<A>() + b * M;
+  const A *gamma = bw.norm_c_weight.const_data_ptr<A>(), *beta = bw.norm_c_bias.const_data_ptr<A>();
+  const A *wq = bw.q_weight.const_data_ptr<A>(), *wk = bw.k_weight.const_data_ptr<A>();
+  const A* wv = bw.v_weight.const_data_ptr<A>();
+  const bool bias = bw.q_bias.defined();
+  Projected<A> p{0, 0, std::vector<A>(M), std::vector<A>(M), std::vector<A>(M), std::vector<A>(M), std::vector<A>(C)};
+  // Two-pass statistics. Sums over a whole sample (C N terms) and a channel (N) accumulate in fp64.
+  double sum = 0;
+  for (int64_t i = 0; i < M; ++i) sum += y[i];
+  p.mu = A(sum / M);
+  double var = 0;
+  for (int64_t i = 0; i < M; ++i) var += double(y[i] - p.mu) * double(y[i] - p.mu);
+  p.rstd = A(1 / std::sqrt(var / M + bw.eps));
+  for (int64_t c = 0; c < C; ++c) {
+    const A bq = bias ? bw.q_bias.const_data_ptr<A>()[c] : A(0), bk = bias ? bw.k_bias.const_data_ptr<A>()[c] : A(0);
+    const A bv = bias ? bw.v_bias.const_data_ptr<A>()[c] : A(0);
+    double vsum = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t t = n * C + c;
+      const A yh = p.yhat[t] = (y[c * N + n] - p.mu) * p.rstd, yn = p.yn[t] = gamma[c] * yh + beta[c];
+      p.q[t] = wq[c] * yn + bq;
+      p.k[t] = wk[c] * yn + bk;
+      vsum += wv[c] * yn + bv;
+    }
+    p.vbar[c] = A(vsum / N);
+  }
+  return p;
+}
+
+// dL/dQ and dL/dK ([n * C + c]) and dL/dvbar (C) of one head's channels [c0, c0 + D), given
+// do = dL/do. Per query row i: P_i = softmax_j(S_ij), S_ij = s sum_n Q_in K_jn,
+//   dvbar_j += P_ij do_i,  dS_ij = P_ij do_i (vbar_j - o_i),
+//   dQ_in = s sum_j dS_ij K_jn,  dK_jn += s dS_ij Q_in.
+template <typename A>
+void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int64_t D, const A* dO, A* dq, A* dk,
+                   A* dvbar) {
+  using V = Vectorized<A>;
+  const A scale = A(1) / std::sqrt(A(D));
+  const A* vbar = p.vbar.data() + c0;
+  std::vector<A> score(D), prob(D);
+  for (int64_t i = 0; i < D; ++i) {
+    const int64_t ci = c0 + i;
+    std::fill(score.begin(), score.end(), A(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const V qv(p.q[n * C + ci] * scale);
+      const A* krow = p.k.data() + n * C + c0;
+      for_lanes<A>(D, [&](int64_t j, int64_t m) {
+        at::vec::fmadd(qv, V::loadu(krow + j, m), V::loadu(score.data() + j, m)).store(score.data() + j, m);
+      });
+    }
+    A mx = score[0];
+    for (int64_t j = 1; j < D; ++j) mx = std::max(mx, score[j]);
+    const V shift(mx), log2e(static_cast<A>(kLog2e));
+    V den(0);
+    for_lanes<A>(D, [&](int64_t j, int64_t m) {
+      const V e = exp2((V::loadu(score.data() + j, m) - shift) * log2e);
+      den += V::set(V(0), e, m);
+      e.store(prob.data() + j, m);
+    });
+    const V inv(A(1) / reduce_sum(den));
+    V oi(0);
+    for_lanes<A>(D, [&](int64_t j, int64_t m) {
+      const V pj = V::loadu(prob.data() + j, m) * inv;
+      pj.store(prob.data() + j, m);
+      oi = at::vec::fmadd(pj, V::loadu(vbar + j, m), oi);  // lanes past m are 0
+    });
+    const V o_i(reduce_sum(oi)), do_i(dO[ci]);
+    // score now holds dS_ij * s.
+    for_lanes<A>(D, [&](int64_t j, int64_t m) {
+      const V pj = V::loadu(prob.data() + j, m);
+      at::vec::fmadd(pj, do_i, V::loadu(dvbar + c0 + j, m)).store(dvbar + c0 + j, m);
+      (pj * do_i * (V::loadu(vbar + j, m) - o_i) * V(scale)).store(score.data() + j, m);
+    });
+    for (int64_t n = 0; n < N; ++n) {
+      const A* krow = p.k.data() + n * C + c0;
+      A* dkrow = dk + n * C + c0;
+      const V qn(p.q[n * C + ci]);
+      V acc(0);
+      for_lanes<A>(D, [&](int64_t j, int64_t m) {
+        const V ds = V::loadu(score.data() + j, m);
+        acc = at::vec::fmadd(ds, V::loadu(krow + j, m), acc);
+        at::vec::fmadd(ds, qn, V::loadu(dkrow + j, m)).store(dkrow + j, m);
+      });
+      dq[n * C + ci] = reduce_sum(acc);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename A>
+void channel_attention_backward(Backward& bw, int64_t b, const A* dA, A* ac) {
+  const int64_t C = bw.C, N = bw.y.size(2), M = C * N, D = C / bw.head_num;
+  const Projected<A> p = project<A>(bw, b);
+  // The gate: do = dL/do.
+  channel_gate(bw.o.const_data_ptr<A>() + b * C, ac, 1, C, bw.softmax);
+  std::vector<A> dO(C), dq(M, A(0)), dk(M, A(0)), dvbar(C, A(0));
+  double dot_sum = 0;
+  for (int64_t c = 0; c < C; ++c) dot_sum += double(dA[c]) * ac[c];
+  const A dot = A(dot_sum);
+  for (int64_t c = 0; c < C; ++c) dO[c] = bw.softmax ? ac[c] * (dA[c] - dot) : dA[c] * ac[c] * (A(1) - ac[c]);
+  for (int64_t c0 = 0; c0 < C; c0 += D) head_backward(p, C, N, c0, D, dO.data(), dq.data(), dk.data(), dvbar.data());
+
+  // q/k/v (dV_cn = dvbar_c / N), then GroupNorm(1).
+  A* part = bw.partials.data_ptr<A>() + b * bw.partials.size(1);
+  A *dgamma = part + bw.at[kNormC], *dbeta = part + bw.at[kNormC + 1];
+  A *dwq = part + bw.at[kQkvW], *dwk = part + bw.at[kQkvW + 1], *dwv = part + bw.at[kQkvW + 2];
+  const A *gamma = bw.norm_c_weight.const_data_ptr<A>(), *wq = bw.q_weight.const_data_ptr<A>();
+  const A *wk = bw.k_weight.const_data_ptr<A>(), *wv = bw.v_weight.const_data_ptr<A>();
+  std::vector<A> dyhat(M);
+  double mean_d = 0, mean_dy = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const A dv = dvbar[c] / A(N);
+    double sq = 0, sk = 0, syn = 0, sg = 0, sb = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t t = n * C + c;
+      const A yn = p.yn[t], dyn = wq[c] * dq[t] + wk[c] * dk[t] + wv[c] * dv;
+      sq += double(dq[t]) * yn, sk += double(dk[t]) * yn, syn += yn;
+      sg += double(dyn) * p.yhat[t], sb += dyn;
+      const A dh = dyhat[t] = gamma[c] * dyn;
+      mean_d += dh, mean_dy += double(dh) * p.yhat[t];
+    }
+    dwq[c] = A(sq), dwk[c] = A(sk), dwv[c] = A(dv * syn);
+    dgamma[c] = A(sg), dbeta[c] = A(sb);
+    if (bw.q_bias.defined()) {
+      double bq = 0, bk = 0;
+      for (int64_t n = 0; n < N; ++n) bq += dq[n * C + c], bk += dk[n * C + c];
+      part[bw.at[kQkvB] + c] = A(bq), part[bw.at[kQkvB + 1] + c] = A(bk), part[bw.at[kQkvB + 2] + c] = dvbar[c];
+    }
+  }
+  const A md = A(mean_d / M), mdy = A(mean_dy / M);
+  // dL/dY, spread later over each window: / (KH KW).
+  const A to_window = p.rstd / A(bw.kh * bw.kw);
+  A* dy = bw.dy.data_ptr<A>() + b * M;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t t = n * C + c;
+      dy[c * N + n] = (dyhat[t] - md - p.yhat[t] * mdy) * to_window;
+    }
+}
+
+template void channel_attention_backward<float>(Backward&, int64_t, const float*, float*);
+template void channel_attention_backward<double>(Backward&, int64_t, const double*, double*);
+
+}  // namespace scsa
