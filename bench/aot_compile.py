@@ -26,12 +26,13 @@ from scsa_ops.function import fused_scsa  # noqa: E402
 
 # ResNet-50 stages, a detection stage-1 map, a wide MobileNetV2 layer; both gate kinds, bias,
 # global pooling. fp16 compiles as bf16 does (same 16-bit loads, same fp32 math): bf16 stands
-# for both, keeping the cold compile of both targets within a few minutes on 2 cores.
+# for both, and one shape stands for fp64 (verification only), keeping the cold compile of both
+# targets within a few minutes on 2 cores.
 SHAPES = [
     (dict(dim=64), (2, 64, 56, 56), (torch.float32, torch.bfloat16, torch.float64)),
     (dict(dim=512, head_num=8, qkv_bias=True), (2, 512, 7, 7), (torch.float32, torch.bfloat16)),
     (dict(dim=64, gate_layer="softmax"), (1, 64, 200, 333), (torch.float32, torch.bfloat16)),
-    (dict(dim=960, window_size=-1), (1, 960, 14, 14), (torch.float32, torch.bfloat16, torch.float64)),
+    (dict(dim=960, window_size=-1), (1, 960, 14, 14), (torch.float32, torch.bfloat16)),
 ]
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 

@@ -144,6 +144,28 @@ void apply_gates(Forward& f, int64_t b0, int64_t nb) {
   });
 }
 
+void input_grad_samples(const Tensor& g, Tensor& dx, bool channels_last, const Tensor& ah, const Tensor& aw,
+                        const Tensor& o, const Tensor& dy, const Tensor& dph, const Tensor& dpw, int64_t kh, int64_t kw,
+                        bool softmax, int64_t b0, int64_t nb) {
+  const int64_t C = dx.size(1), H = dx.size(2), W = dx.size(3);
+  AT_DISPATCH_FLOATING_TYPES(ah.scalar_type(), "scsa_input_grad", [&] {
+    using A = scalar_t;
+    std::vector<A> ac(nb * C);
+    channel_gate(o.const_data_ptr<A>() + b0 * C, ac.data(), nb, C, softmax);
+    const Gates<A> gates{ah.const_data_ptr<A>() + b0 * C * H,
+                         aw.const_data_ptr<A>() + b0 * C * W,
+                         ac.data(),
+                         dy.const_data_ptr<A>() + b0 * C * (H / kh) * (W / kw),
+                         dph.const_data_ptr<A>() + b0 * C * H,
+                         dpw.const_data_ptr<A>() + b0 * C * W,
+                         H,
+                         W,
+                         kh,
+                         kw};
+    dispatch<true>(g, dx, channels_last, gates, b0, nb, C);
+  });
+}
+
 Tensor input_grad(const Tensor& g_in, const Tensor& x_in, const Tensor& ah_in, const Tensor& aw_in, const Tensor& o_in,
                   const Tensor& dy_in, const Tensor& dph_in, const Tensor& dpw_in, int64_t kh, int64_t kw,
                   bool softmax) {
@@ -158,22 +180,7 @@ Tensor input_grad(const Tensor& g_in, const Tensor& x_in, const Tensor& ah_in, c
   Tensor dy = check_small(dy_in, "dy", {B, C, H / kh, W / kw}, acc);
   Tensor dph = check_small(dph_in, "dph", {B, C, H}, acc), dpw = check_small(dpw_in, "dpw", {B, C, W}, acc);
   Tensor dx = alloc(x.sizes(), x.options().memory_format(format_of(channels_last)));
-  AT_DISPATCH_FLOATING_TYPES(acc, "scsa_input_grad", [&] {
-    using A = scalar_t;
-    std::vector<A> ac(B * C);
-    channel_gate(o.const_data_ptr<A>(), ac.data(), B, C, softmax);
-    const Gates<A> gates{ah.const_data_ptr<A>(),
-                         aw.const_data_ptr<A>(),
-                         ac.data(),
-                         dy.const_data_ptr<A>(),
-                         dph.const_data_ptr<A>(),
-                         dpw.const_data_ptr<A>(),
-                         H,
-                         W,
-                         kh,
-                         kw};
-    dispatch<true>(g, dx, channels_last, gates, 0, B, C);
-  });
+  input_grad_samples(g, dx, channels_last, ah, aw, o, dy, dph, dpw, kh, kw, softmax, 0, B);
   return dx;
 }
 

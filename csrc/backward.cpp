@@ -1,8 +1,8 @@
 // The CPU backward (DESIGN.md section 3), one op call: the first full-size pass (gate_grads), the
 // small graphs per sample (channel attention, then both spatial gates, differentiated by hand in
 // channel_attention_backward.cpp and spatial_gate_backward.cpp), the second full-size pass
-// (input_grad), and the parameter gradients: per-sample partials summed over the batch in order,
-// so they are bitwise the same for any number of threads.
+// (input_grad), sample-major like the forward; then the parameter gradients: per-sample partials
+// summed over the batch in order, so they are bitwise the same for any number of threads.
 #include "scsa.h"
 
 namespace scsa {
@@ -60,6 +60,25 @@ int64_t layout(Backward& bw) {
   return total;
 }
 
+// The gradients, flat in the op's output order: the partials (B, P) summed over samples in order,
+// so the result does not depend on the threads.
+Tensor sum_partials(const Tensor& partials) {
+  const int64_t B = partials.size(0), P = partials.size(1);
+  Tensor grads = alloc({P}, partials.options());
+  AT_DISPATCH_FLOATING_TYPES(partials.scalar_type(), "scsa_sum_partials", [&] {
+    const scalar_t* part = partials.const_data_ptr<scalar_t>();
+    scalar_t* sum = grads.data_ptr<scalar_t>();
+    at::parallel_for(0, P, grain(B), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        scalar_t t = 0;
+        for (int64_t b = 0; b < B; ++b) t += part[b * P + k];
+        sum[k] = t;
+      }
+    });
+  });
+  return grads;
+}
+
 }  // namespace
 
 std::vector<Tensor> backward(const Tensor& g, const Tensor& x, at::TensorList conv_weights, at::TensorList conv_biases,
@@ -86,42 +105,36 @@ std::vector<Tensor> backward(const Tensor& g, const Tensor& x, at::TensorList co
   bw.ah = check_small(ah, "a_h", {B, C, H}, acc), bw.aw = check_small(aw, "a_w", {B, C, W}, acc);
   bw.y = check_small(y, "Y", {B, C, ho, wo}, acc).view({B, C, ho * wo});
   bw.o = check_small(o, "o", {B, C}, acc);
-  std::tie(bw.r, bw.s, bw.u, bw.v) = gate_grads(g, x, bw.ah, bw.aw, kh, kw);
+  auto [xd, channels_last] = dense(x);
+  const Tensor gd = upstream(g, xd, channels_last);
   const auto opts = bw.ah.options();
+  std::tie(bw.r, bw.s, bw.u, bw.v) = gate_grad_sums(B, C, H, W, kh, kw, opts);
   bw.dy = alloc({B, C, ho, wo}, opts);
   bw.dph = alloc({B, C, H}, opts), bw.dpw = alloc({B, C, W}, opts);
-  const int64_t P = layout(bw);
-  bw.partials = at::zeros({B, P}, opts);
-  std::vector<const Tensor*> params;
-  for (const auto& t : conv_weights) params.push_back(&t);
-  for (const auto& t : conv_biases) params.push_back(&t);
-  for (const auto* t : {&norm_h_weight, &norm_h_bias, &norm_w_weight, &norm_w_bias, &norm_c_weight, &norm_c_bias,
-                        &q_weight, &k_weight, &v_weight})
-    params.push_back(t);
-  if (q_bias) params.insert(params.end(), {&*q_bias, &*k_bias, &*v_bias});
-  std::vector<Tensor> grads;
-  for (const Tensor* t : params) grads.push_back(alloc(t->sizes(), opts));
+  bw.partials = at::zeros({B, layout(bw)}, opts);
+  Tensor dx = input_grad ? alloc(xd.sizes(), xd.options().memory_format(format_of(channels_last)))
+                         : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "scsa_backward", [&] {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) sample_backward<scalar_t>(bw, b);
-    });
-    const scalar_t* part = bw.partials.const_data_ptr<scalar_t>();
-    for (size_t i = 0; i < grads.size(); ++i) {
-      scalar_t* sum = grads[i].data_ptr<scalar_t>() - bw.at[i];
-      at::parallel_for(bw.at[i], bw.at[i + 1], grain(B), [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          scalar_t t = 0;
-          for (int64_t b = 0; b < B; ++b) t += part[b * P + k];  // in sample order: deterministic
-          sum[k] = t;
-        }
+    auto run = [&](int64_t b0, int64_t nb) {
+      gate_grads_samples(gd, xd, channels_last, bw.ah, bw.aw, bw.r, bw.s, bw.u, bw.v, kh, kw, b0, nb);
+      at::parallel_for(b0, b0 + nb, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) sample_backward<scalar_t>(bw, b);
       });
-    }
+      if (input_grad)
+        input_grad_samples(gd, dx, channels_last, bw.ah, bw.aw, bw.o, bw.dy, bw.dph, bw.dpw, kh, kw, softmax, b0, nb);
+    };
+    // As the forward: with enough samples per thread, one task takes a sample through both
+    // full-size passes and its small graphs while its g and X sit in that core's L2; small batches
+    // run pass by pass with each pass parallel inside (nested parallel_for calls run inline).
+    if (B >= 2 * at::get_num_threads())
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) run(b, 1);
+      });
+    else
+      run(0, B);
   });
-  std::vector<Tensor> out{input_grad
-                              ? scsa::input_grad(g, x, bw.ah, bw.aw, bw.o, bw.dy, bw.dph, bw.dpw, kh, kw, softmax)
-                              : at::empty({0}, x.options())};
-  // Each gradient in its parameter's dtype.
-  for (size_t i = 0; i < grads.size(); ++i) out.push_back(grads[i].to(params[i]->scalar_type()));
+  Tensor grads = sum_partials(bw.partials);
+  std::vector<Tensor> out{dx, grads};
   return out;
 }
 

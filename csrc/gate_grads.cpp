@@ -115,6 +115,32 @@ void gate_grads_nhwc(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
 
 }  // namespace
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> gate_grad_sums(int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh,
+                                                          int64_t kw, const at::TensorOptions& opts) {
+  const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh;
+  return {alloc({B, C, H}, opts), alloc({B, C, hc, W}, opts), alloc({B, C, ho * kh, wo}, opts),
+          alloc({B, C, ho, wo * kw}, opts)};
+}
+
+void gate_grads_samples(const Tensor& g, const Tensor& x, bool channels_last, const Tensor& ah, const Tensor& aw,
+                        const Tensor& r, const Tensor& s, const Tensor& u, const Tensor& v, int64_t kh, int64_t kw,
+                        int64_t b0, int64_t nb) {
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "scsa_gate_grads", [&] {
+    using A = acc_t<scalar_t>;
+    // Every tensor is sample-major (NCHW and NHWC alike): samples [b0, b0 + nb) are one slice.
+    auto at_b0 = [&](const Tensor& t) { return t.data_ptr<A>() + b0 * (t.numel() / t.size(0)); };
+    const Sums out{at_b0(r), at_b0(s), at_b0(u), at_b0(v)};
+    const int64_t off = b0 * C * H * W;
+    const auto *gp = g.const_data_ptr<scalar_t>() + off, *xp = x.const_data_ptr<scalar_t>() + off;
+    const A *ahp = ah.const_data_ptr<A>() + b0 * C * H, *awp = aw.const_data_ptr<A>() + b0 * C * W;
+    if (channels_last)
+      gate_grads_nhwc(gp, xp, ahp, awp, out, nb, C, H, W, kh, kw);
+    else
+      gate_grads_nchw(gp, xp, ahp, awp, out, nb * C, H, W, kh, kw);
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> gate_grads(const Tensor& g_in, const Tensor& x_in, const Tensor& ah_in,
                                                       const Tensor& aw_in, int64_t kh, int64_t kw) {
   check_x(x_in, "x");
@@ -122,21 +148,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gate_grads(const Tensor& g_in, const 
   auto [x, channels_last] = dense(x_in);
   Tensor g = upstream(g_in, x, channels_last);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh;
   const auto acc = acc_dtype(x.scalar_type());
   Tensor ah = check_small(ah_in, "a_h", {B, C, H}, acc), aw = check_small(aw_in, "a_w", {B, C, W}, acc);
-  const auto opts = ah.options();
-  Tensor r = alloc({B, C, H}, opts), s = alloc({B, C, hc, W}, opts);
-  Tensor u = alloc({B, C, ho * kh, wo}, opts), v = alloc({B, C, ho, wo * kw}, opts);
-  const Sums out{r.data_ptr(), s.data_ptr(), u.data_ptr(), v.data_ptr()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "scsa_gate_grads", [&] {
-    using A = acc_t<scalar_t>;
-    const auto *gp = g.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
-    if (channels_last)
-      gate_grads_nhwc(gp, xp, ah.const_data_ptr<A>(), aw.const_data_ptr<A>(), out, B, C, H, W, kh, kw);
-    else
-      gate_grads_nchw(gp, xp, ah.const_data_ptr<A>(), aw.const_data_ptr<A>(), out, B * C, H, W, kh, kw);
-  });
+  auto [r, s, u, v] = gate_grad_sums(B, C, H, W, kh, kw, ah.options());
+  gate_grads_samples(g, x, channels_last, ah, aw, r, s, u, v, kh, kw, 0, B);
   return {r, s, u, v};
 }
 

@@ -284,6 +284,18 @@ struct Backward : Weights {
   std::vector<int64_t> at;
 };
 
+// The backward's full-size passes on samples [b0, b0 + nb) of tensors already checked (g and x
+// dense in one layout, the small ones contiguous in the accumulator dtype): gate_grads' sums into
+// r, s, u, v (gate_grad_sums allocates them), and dX.
+std::tuple<Tensor, Tensor, Tensor, Tensor> gate_grad_sums(int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh,
+                                                          int64_t kw, const at::TensorOptions& opts);
+void gate_grads_samples(const Tensor& g, const Tensor& x, bool channels_last, const Tensor& ah, const Tensor& aw,
+                        const Tensor& r, const Tensor& s, const Tensor& u, const Tensor& v, int64_t kh, int64_t kw,
+                        int64_t b0, int64_t nb);
+void input_grad_samples(const Tensor& g, Tensor& dx, bool channels_last, const Tensor& ah, const Tensor& aw,
+                        const Tensor& o, const Tensor& dy, const Tensor& dph, const Tensor& dpw, int64_t kh, int64_t kw,
+                        bool softmax, int64_t b0, int64_t nb);
+
 // Indices into Backward::at.
 constexpr int kConvW = 0, kConvB = 4, kNormH = 8, kNormW = 10, kNormC = 12, kQkvW = 14, kQkvB = 17;
 

@@ -1,11 +1,9 @@
 """The one autograd Function of the fused SCSA, shared by every provider (Triton, C++).
 
 A provider is a namespace of ops (library.Provider): `forward` (DESIGN.md section 2: the five
-passes, returning the output and the small intermediates the backward needs), and for the backward
-(section 3) either `backward`, the whole of it in one call (the C++ provider: both full-size passes,
-the small graphs differentiated by hand, the parameter gradients), or its two full-size passes
-`gate_grads, input_grad`, between which this file differentiates the small graphs (spatial gate,
-channel attention) with torch.func.vjp on recomputed small tensors (the Triton provider, for now).
+passes, returning the output and the small intermediates the backward needs) and `backward`
+(section 3: both full-size passes, the small graphs differentiated by hand, the parameter
+gradients; Triton: five launches, C++: one call). This file only orchestrates them.
 """
 from __future__ import annotations
 
@@ -16,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .reference import EPS, channel_attention_logits, channel_gate, forward_parts, spatial_gate, window_of
-from .schema import CHANNEL_NAMES, PARAM_NAMES, SPATIAL_NAMES, Params, in_param_order, indices
+from .reference import EPS, forward_parts, window_of
+from .schema import Params, in_param_order
 
 
 @dataclass(frozen=True)
@@ -87,9 +85,6 @@ def _eager_backward(x, params, cfg, g, needs_input_grad):
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in [x, *leaves])
 
 
-_SPATIAL, _CHANNEL = indices(SPATIAL_NAMES), indices(CHANNEL_NAMES)
-
-
 class SCSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, provider, cfg: Config, *params):
@@ -101,68 +96,19 @@ class SCSAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # create_graph=True: the backward's recomputed small tensors are constants, so a second
-            # derivative through this graph would be silently wrong.
+            # create_graph=True: the backward ops are not differentiable themselves (no autograd
+            # formula), so a second derivative through this graph would be silently wrong.
             raise RuntimeError("SCSA's fused backward is not twice differentiable (create_graph=True: gradient "
                                "penalties, meta-learning); use backend='eager' for this model")
         x, ph, pw, ah, aw, y, o, *params = ctx.saved_tensors
-        cfg, provider, (kh, kw) = ctx.cfg, ctx.provider, ctx.window
+        cfg, provider = ctx.cfg, ctx.provider
         if not parameters_finite([t for t in params if t is not None]):
             dx, *grads = _eager_backward(x, params, cfg, g, ctx.needs_input_grad[0])
             return (dx, None, None, *grads)
-        if provider.fused_backward:
-            with _device_of(x):
-                dx, grads = provider.backward(g, x, Params(params), (ph, pw, ah, aw, y, o), cfg, ctx.window, EPS,
-                                              ctx.needs_input_grad[0])
-            return (dx, None, None, *in_param_order(grads))
-        H, W = x.shape[2:]
-        ho, wo = H // kh, W // kw
-        acc = ah.dtype
         with _device_of(x):
-            r, s, u, v = provider.gate_grads(g, x, ah, aw, ctx.window)
-        # The small graphs are differentiated with torch.func.vjp (which torch.compile traces, unlike
-        # torch.autograd.grad), each as a function of the parameters it uses (the qkv biases are
-        # optional); the casts to the working dtype sit inside, so each gradient comes back in its
-        # leaf's dtype.
-        spatial_at = [i for i in _SPATIAL if params[i] is not None]
-        channel_at = [i for i in _CHANNEL if params[i] is not None]
-
-        def working(ts, at):
-            """Params with the tensors ts, cast to the working dtype, at the positions `at`."""
-            full = [None] * len(PARAM_NAMES)
-            for i, t in zip(at, ts):
-                full[i] = t.to(acc)
-            return Params(full)
-
-        def channel_part(y_, *ts):
-            p = working(ts, channel_at)
-            return channel_gate(channel_attention_logits(y_, *p.norm_c, p.qkv_w, p.qkv_b, cfg.head_num), cfg.gate)
-
-        def spatial_part(ph_, pw_, *ts):
-            p = working(ts, spatial_at)
-            return (spatial_gate(ph_, p.conv_w, p.conv_b, *p.norm_h, cfg.gate),
-                    spatial_gate(pw_, p.conv_w, p.conv_b, *p.norm_w, cfg.gate))
-
-        # A backward called inside torch.autocast must not recompute the small graphs in low precision.
-        with torch.autocast(x.device.type, enabled=False):
-            a_c, vjp_ca = torch.func.vjp(channel_part, y, *[params[i] for i in channel_at])
-            dy, *d_ca = vjp_ca((ah * r).sum(-1))
-            dy = dy / (kh * kw)
-            dah = a_c[..., None] * r
-            dah[:, :, :ho * kh] += (u.unflatten(2, (ho, kh)) * dy.unsqueeze(3)).sum(-1).flatten(2)
-            daw = a_c[..., None] * s.sum(2)
-            daw[:, :, :wo * kw] += (v.unflatten(3, (wo, kw)) * dy.unsqueeze(4)).sum(2).flatten(2)
-            _, vjp_sa = torch.func.vjp(spatial_part, ph / W, pw.sum(0) / H, *[params[i] for i in spatial_at])
-            dph, dpw, *d_sa = vjp_sa((dah, daw))
-        dx = None
-        if ctx.needs_input_grad[0]:
-            with _device_of(x):
-                dx = provider.input_grad(g, x, ah, aw, o, dy, dph / W, dpw / H, ctx.window,
-                                         cfg.gate == "softmax")
-        grads = [None] * len(PARAM_NAMES)
-        for i, d in zip(spatial_at + channel_at, d_sa + d_ca):
-            grads[i] = d
-        return (dx, None, None, *grads)
+            dx, grads = provider.backward(g, x, Params(params), (ph, pw, ah, aw, y, o), cfg, ctx.window, EPS,
+                                          ctx.needs_input_grad[0])
+        return (dx, None, None, *in_param_order(grads))
 
 
 def fused_scsa(x, params, cfg: Config, provider):

@@ -77,9 +77,9 @@ PARAMETER_ARGS = (
 
 # The ops of one namespace (DESIGN.md sections 2-3). forward returns [out, p_h, p_w, a_h, a_w, Y, o]:
 # the output and the small intermediates the backward needs. backward is the whole backward in one
-# call, [dX (empty unless input_grad), the parameters' gradients in OP_ORDER]; gate_grads and
-# input_grad are its two full-size passes, which the Triton provider launches around the small
-# graphs (it has no `backward` op yet).
+# call, [dX (empty unless input_grad), every parameter gradient, flat, in OP_ORDER, in the
+# accumulator dtype] (one flat tensor: op outputs may not alias, and splitting it is views only);
+# gate_grads and input_grad are its two full-size passes, also ops of their own.
 SCHEMAS = {
     "forward": f"(Tensor x, {PARAMETER_ARGS}, int head_num, int kh, int kw, bool softmax, float eps) -> Tensor[]",
     "gate_grads": "(Tensor g, Tensor x, Tensor ah, Tensor aw, int kh, int kw) -> (Tensor, Tensor, Tensor, Tensor)",

@@ -91,7 +91,7 @@ def assert_matches_reference(cfg, shape, dtype, backend, device, channels_last=F
         assert rel_err(out_f, out_r) < TOL[dtype] and rel_err(dx_f, dx_r) < TOL[dtype]
         errs = grad_err(dp_f, dp_r)
         assert max(errs.values()) < 1e-11, errs
-        return
+        return out_f, dx_f
     errs = input_rounding_errors(cfg, seed, device, dtype, x, go, (out_r, dx_r, dp_r))
     eager = pair(cfg, seed=seed, backend="eager", device=device)[1].to(dtype).eval()
     out_e, dx_e, dp_e = run(eager, x.to(dtype), go)
@@ -103,6 +103,7 @@ def assert_matches_reference(cfg, shape, dtype, backend, device, channels_last=F
     for n in e_f:
         bound = 2 * e_e[n] + 2 * errs[2][n] + 4 * TOL[dtype] + 1e-5
         assert e_f[n] <= bound, (n, e_f[n], e_e[n], errs[2][n])
+    return out_f, dx_f
 
 
 def input_rounding_errors(cfg, seed, device, dtype, x, go, exact):

@@ -124,4 +124,5 @@ def test_compiling_the_triton_path_traces_its_kernels():
     lines = res.stdout.strip().splitlines()
     assert lines == [str(["_pool_fwd_kernel", "_spatial_gate_fwd_kernel", "_gated_pool_fwd_kernel",
                           "_channel_attention_fwd_kernel", "_apply_gates_kernel"]),
-                     str(["_gate_grads_bwd_kernel", "_apply_gates_kernel"])], res.stdout + res.stderr[-2000:]
+                     str(["_gate_grads_bwd_kernel", "_channel_attention_bwd_kernel", "_spatial_gate_bwd_kernel",
+                          "_param_grads_kernel", "_apply_gates_kernel"])], res.stdout + res.stderr[-2000:]

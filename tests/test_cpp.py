@@ -151,8 +151,9 @@ def _gradients(fused, x, g):
 
 
 def test_backward_is_one_op_call(provider):
-    """The whole backward is scsa_cpp::backward: no PyTorch op before or after it (the parameter
-    finiteness check is cached after the first call)."""
+    """The whole backward is scsa_cpp::backward: no PyTorch compute op before or after it, only the
+    views that split its flat gradients (the parameter finiteness check is cached after the first
+    call)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -171,7 +172,8 @@ def test_backward_is_one_op_call(provider):
     out = fused(x)
     with Ops() as mode:
         torch.autograd.grad(out, [x, *fused.parameters()], g)
-    assert mode.ops == ["scsa_cpp.backward.default"], mode.ops
+    views = {"aten.split_with_sizes.default", "aten.view.default"}
+    assert [op for op in mode.ops if op not in views] == ["scsa_cpp.backward.default"], mode.ops
 
 
 @pytest.mark.parametrize("cfg,shape", [

@@ -52,7 +52,7 @@ def register_fakes(ns):
         if q_bias is not None:
             params += [q_bias, k_bias, v_bias]
         dx = _input_grad(g, x, ah, aw, o, None, None, None, kh, kw, softmax) if input_grad else x.new_empty(0)
-        return [dx, *[t.new_empty(t.shape) for t in params]]
+        return [dx, _small(x, sum(t.numel() for t in params))]
 
 
 def register_triton_ops(interpreted, *launchers):
@@ -79,9 +79,7 @@ class Provider:
         self.ns, self.fits = ns, fits
         self._forward, self._gate_grads, self._input_grad = (
             ops.forward.default, ops.gate_grads.default, ops.input_grad.default)
-        # The whole backward as one op, where the namespace has it (else SCSAFunction runs the small
-        # graphs between gate_grads and input_grad).
-        self._backward = ops.backward.default if hasattr(ops, "backward") else None
+        self._backward = ops.backward.default
 
     def __repr__(self):
         return f"Provider({self.ns!r})"
@@ -91,15 +89,13 @@ class Provider:
         out, ph, pw, ah, aw, y, o = self._forward(x, *p.op_args(), cfg.head_num, *window, cfg.gate == "softmax", eps)
         return out, ph, pw, ah, aw, y, o
 
-    @property
-    def fused_backward(self):
-        return self._backward is not None
-
     def backward(self, g, x, p, saved, cfg, window, eps, input_grad):
-        """(dX or None, the parameters' gradients in schema.OP_ORDER); saved: the forward's
-        (p_h, p_w, a_h, a_w, Y, o)."""
-        dx, *grads = self._backward(g, x, *p.op_args(), *saved, cfg.head_num, *window, cfg.gate == "softmax", eps,
-                                    input_grad)
+        """(dX or None, the parameters' gradients in schema.OP_ORDER, each in its parameter's shape and
+        dtype); saved: the forward's (p_h, p_w, a_h, a_w, Y, o)."""
+        args = p.op_args()
+        dx, flat = self._backward(g, x, *args, *saved, cfg.head_num, *window, cfg.gate == "softmax", eps, input_grad)
+        params = [*args[0], *args[1], *[t for t in args[2:] if t is not None]]
+        grads = [piece.view(t.shape).to(t.dtype) for piece, t in zip(flat.split([t.numel() for t in params]), params)]
         return (dx if input_grad else None), grads
 
     def gate_grads(self, g, x, ah, aw, window):

@@ -3,10 +3,13 @@
 One program per (sample, channel group, branch): a channel group of the four depthwise convs is
 exactly a GroupNorm(4) group, so conv -> statistics -> normalise -> gate never leaves the
 program. The inputs are tiny, so the conv is recomputed in each of the three sweeps over the
-group (mean, centred variance, output) instead of being staged in memory."""
+group (mean, centred variance, output) instead of being staged in memory. The backward
+(DESIGN.md 3.2) has the same programs: gate, GroupNorm(4) and conv differentiated by hand."""
+import torch
 import triton
 import triton.language as tl
 
+from .apply_gates import _channel_gate
 from .utils import alloc, as_acc, launch, pow2, tile_elems, tl_dtype
 
 
@@ -39,12 +42,10 @@ def _conv(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, cs,
 
 
 @triton.jit
-def _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w_ptr, bias_ptr,
-                b, grp, C, L, eps,
-                K: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
-                ACC: tl.constexpr):
+def _group_stats(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, eps,
+                 K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
+    # GroupNorm(4) statistics (mean, rstd) of the conv output of the group at channel c0.
     G = C // 4
-    c0 = grp * G
     total = tl.zeros([BLOCK_G, BLOCK_L], ACC)
     for cs in range(0, G, BLOCK_G):
         z, m = _conv(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, cs,
@@ -57,7 +58,18 @@ def _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w
                      K, BLOCK_G, BLOCK_L, G, ACC)
         d = tl.where(m, z - mean, 0.0)
         sq += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / (G * L) + eps)
+    return mean, 1.0 / tl.sqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / (G * L) + eps)
+
+
+@triton.jit
+def _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w_ptr, bias_ptr,
+                b, grp, C, L, eps,
+                K: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+                ACC: tl.constexpr):
+    G = C // 4
+    c0 = grp * G
+    mean, rstd = _group_stats(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, eps,
+                              K, BLOCK_G, BLOCK_L, ACC)
     for cs in range(0, G, BLOCK_G):
         z, m = _conv(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, cs,
                      K, BLOCK_G, BLOCK_L, G, ACC)
@@ -119,6 +131,164 @@ def _spatial_gate_fwd_kernel(
                      w3, b3, b, grp, C, W, eps_acc, K0, K1, K2, K3, SOFTMAX, BLOCK_G, BLOCK_W, ACC)
 
 
+@triton.jit
+def _gate_input(r_ptr, s_ptr, u_ptr, v_ptr, dy_ptr, ac, bc, m, li, H, W, HO, WO, HC, KH, KW,
+                BRANCH_W: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
+    # dL/da_h (dL/da_w) of channels bc = b * C + c at positions li from gate_grads' sums: the direct
+    # part a_c R (a_c sum_i S) and the pooled part through dL/dY, U (V) times dY over each window.
+    pooled = tl.zeros([BLOCK_G, BLOCK_L], ACC)
+    if BRANCH_W:
+        direct = tl.zeros([BLOCK_G, BLOCK_L], ACC)
+        for i in range(HC):
+            direct += tl.load(s_ptr + (bc[:, None] * HC + i) * W + li[None, :], mask=m, other=0.0)
+        covered = m & (li < WO * KW)[None, :]
+        for i in range(HO):
+            v = tl.load(v_ptr + (bc[:, None] * HO + i) * (WO * KW) + li[None, :], mask=covered, other=0.0)
+            pooled += v * tl.load(dy_ptr + (bc[:, None] * HO + i) * WO + (li // KW)[None, :], mask=covered, other=0.0)
+    else:
+        direct = tl.load(r_ptr + bc[:, None] * H + li[None, :], mask=m, other=0.0)
+        covered = m & (li < HO * KH)[None, :]
+        for j in range(WO):
+            u = tl.load(u_ptr + (bc[:, None] * (HO * KH) + li[None, :]) * WO + j, mask=covered, other=0.0)
+            pooled += u * tl.load(dy_ptr + (bc[:, None] * HO + (li // KH)[None, :]) * WO + j, mask=covered, other=0.0)
+    return ac[:, None] * direct + pooled
+
+
+@triton.jit
+def _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w_ptr, bias_ptr, o_ptr,
+               r_ptr, s_ptr, u_ptr, v_ptr, dy_ptr, part_b, cw_at, cb_at, nrm_at, b, grp, C, L, H, W, HO, WO, HC, KH,
+               KW, eps, K: tl.constexpr, PAD_TAPS: tl.constexpr, BRANCH_W: tl.constexpr, SOFTMAX: tl.constexpr,
+               BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_CS: tl.constexpr, ACC: tl.constexpr):
+    # One group of one branch (DESIGN.md 3.2): gate, GroupNorm(4), conv. dz_ptr (B, C, L) holds
+    # dL/dzhat, then dL/dz, between the sweeps; dsum_ptr gets dL/d(sums) = dL/d(means) / count.
+    G = C // 4
+    c0 = grp * G
+    b64 = b.to(tl.int64)
+    mean, rstd = _group_stats(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, eps,
+                              K, BLOCK_G, BLOCK_L, ACC)
+    li = tl.arange(0, BLOCK_L)
+    s1 = tl.zeros([BLOCK_G, BLOCK_L], ACC)
+    s2 = tl.zeros([BLOCK_G, BLOCK_L], ACC)
+    for cs in range(0, G, BLOCK_G):
+        z, m = _conv(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, cs, K, BLOCK_G, BLOCK_L, G, ACC)
+        c = c0 + cs + tl.arange(0, BLOCK_G)
+        c_ok = c < c0 + G
+        off = (b64 * C + c)[:, None] * L + li[None, :]
+        zhat = tl.where(m, (z - mean) * rstd, 0.0)
+        a = tl.load(a_ptr + off, mask=m, other=0.0)
+        ac = _channel_gate(o_ptr, b64, c, c_ok, C, SOFTMAX, BLOCK_CS, ACC)
+        da = tl.where(m, _gate_input(r_ptr, s_ptr, u_ptr, v_ptr, dy_ptr, ac, b64 * C + c, m, li, H, W, HO, WO, HC,
+                                     KH, KW, BRANCH_W, BLOCK_G, BLOCK_L, ACC), 0.0)
+        if SOFTMAX:  # over the length
+            dzn = a * (da - tl.sum(da * a, axis=1)[:, None])
+        else:
+            dzn = da * a * (1.0 - a)
+        dzn = tl.where(m, dzn, 0.0)
+        tl.store(part_b + nrm_at + c, tl.sum(dzn * zhat, axis=1), mask=c_ok)
+        tl.store(part_b + nrm_at + C + c, tl.sum(dzn, axis=1), mask=c_ok)
+        dzh = tl.load(gn_w_ptr + c, mask=c_ok, other=0.0).to(ACC)[:, None] * dzn
+        s1 += dzh
+        s2 += dzh * zhat
+        tl.store(dz_ptr + off, dzh, mask=m)
+        tl.store(dsum_ptr + off, zhat, mask=m)  # kept for the next sweep; overwritten by dsum at the end
+    m1 = tl.sum(tl.sum(s1, axis=1), axis=0) / (G * L)
+    m2 = tl.sum(tl.sum(s2, axis=1), axis=0) / (G * L)
+    tl.debug_barrier()
+    for cs in range(0, G, BLOCK_G):
+        c = c0 + cs + tl.arange(0, BLOCK_G)
+        m = (c < c0 + G)[:, None] & (li < L)[None, :]
+        off = (b64 * C + c)[:, None] * L + li[None, :]
+        zhat = tl.load(dsum_ptr + off, mask=m, other=0.0)
+        dzh = tl.load(dz_ptr + off, mask=m, other=0.0)
+        tl.store(dz_ptr + off, rstd * (dzh - m1 - zhat * m2), mask=m)
+    tl.debug_barrier()
+    for cs in range(0, G, BLOCK_G):
+        cl = cs + tl.arange(0, BLOCK_G)  # channel inside the group: index into the conv weights
+        c_ok = cl < G
+        m = c_ok[:, None] & (li < L)[None, :]
+        row = (b64 * C + c0 + cl)[:, None] * L
+        dz = tl.load(dz_ptr + row + li[None, :], mask=m, other=0.0)
+        tl.store(part_b + cb_at + cl, tl.sum(dz, axis=1), mask=c_ok)
+        dp = tl.zeros([BLOCK_G, BLOCK_L], ACC)
+        for t in range(K):
+            pos = li[None, :] + (t - K // 2)
+            valid = m & (pos >= 0) & (pos < L)
+            mean_t = _load_sum(p_ptr, n_parts, part_stride, row, pos, valid, ACC) / count
+            if PAD_TAPS:  # the zero padding is summed too (NaN x 0 is NaN), as in the eager conv
+                contrib = tl.where(m, dz * mean_t, 0.0)
+            else:
+                contrib = tl.where(valid, dz * mean_t, 0.0)
+            tl.store(part_b + cw_at + cl * K + t, tl.sum(contrib, axis=1), mask=c_ok)
+            src = li[None, :] - (t - K // 2)
+            ok = m & (src >= 0) & (src < L)
+            w_t = tl.load(w_ptr + cl * K + t, mask=c_ok, other=0.0).to(ACC)
+            dp += w_t[:, None] * tl.load(dz_ptr + row + src, mask=ok, other=0.0)
+        tl.store(dsum_ptr + row + li[None, :], dp / count, mask=m)
+
+
+@triton.jit
+def _branch_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w0, b0, w1, b1, w2, b2, w3,
+                b3, o_ptr, r_ptr, s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at, nrm_at, b, grp, C, L, H, W, HO, WO, HC,
+                KH, KW, eps, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+                PAD0: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PAD3: tl.constexpr,
+                BRANCH_W: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+                BLOCK_CS: tl.constexpr, ACC: tl.constexpr):
+    # Kernel sizes differ per group, so each group gets its own unrolled tap loops. conv_at: this
+    # branch's conv partials, the four groups' weights, then their biases.
+    G = C // 4
+    cb_at = conv_at + G * (K0 + K1 + K2 + K3)
+    if grp == 0:
+        _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w0, b0, o_ptr, r_ptr,
+                   s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at, cb_at, nrm_at, b, grp, C, L, H, W, HO, WO, HC, KH, KW,
+                   eps, K0, PAD0, BRANCH_W, SOFTMAX, BLOCK_G, BLOCK_L, BLOCK_CS, ACC)
+    elif grp == 1:
+        _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w1, b1, o_ptr, r_ptr,
+                   s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at + G * K0, cb_at + G, nrm_at, b, grp, C, L, H, W, HO,
+                   WO, HC, KH, KW, eps, K1, PAD1, BRANCH_W, SOFTMAX, BLOCK_G, BLOCK_L, BLOCK_CS, ACC)
+    elif grp == 2:
+        _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w2, b2, o_ptr, r_ptr,
+                   s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at + G * (K0 + K1), cb_at + 2 * G, nrm_at, b, grp, C, L,
+                   H, W, HO, WO, HC, KH, KW, eps, K2, PAD2, BRANCH_W, SOFTMAX, BLOCK_G, BLOCK_L, BLOCK_CS, ACC)
+    else:
+        _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w3, b3, o_ptr, r_ptr,
+                   s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at + G * (K0 + K1 + K2), cb_at + 3 * G, nrm_at, b, grp, C,
+                   L, H, W, HO, WO, HC, KH, KW, eps, K3, PAD3, BRANCH_W, SOFTMAX, BLOCK_G, BLOCK_L, BLOCK_CS, ACC)
+
+
+@triton.jit
+def _spatial_gate_bwd_kernel(
+    ph_ptr, pw_ptr,  # the forward's sums: (1, B, C, H) rows, (NBANDS, B, C, W) banded columns
+    ah_ptr, aw_ptr,  # (B, C, H), (B, C, W) the gates
+    o_ptr,  # (B, C) channel-attention logits
+    r_ptr, s_ptr, u_ptr, v_ptr,  # gate_grads' sums
+    dy_ptr,  # (B, C, HO, WO) dL/dY / (KH KW)
+    dzh_ptr, dzw_ptr,  # (B, C, H), (B, C, W) workspaces
+    dph_ptr, dpw_ptr,  # out: (B, C, H) dL/dp_h / W, (B, C, W) dL/dp_w / H
+    part_ptr,  # (B, P) out: per-sample parameter gradients; conv (H branch, then W branch), norm_h, norm_w
+    nh_w, nw_w,  # (C,) GroupNorm(4) weights of the H and W branches
+    w0, b0, w1, b1, w2, b2, w3, b3,  # (G, 1, K_i) depthwise conv weights, (G,) biases
+    B, C, H, W, HO, WO, HC, KH, KW, nbands, P, eps: tl.float64,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+    PAD0: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PAD3: tl.constexpr, SOFTMAX: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_CS: tl.constexpr, ACC: tl.constexpr,
+):
+    # One program per (sample, channel group, branch), as in the forward.
+    b = tl.program_id(0)
+    grp = tl.program_id(1)
+    eps_acc = as_acc(eps, ACC)
+    part_b = part_ptr + b.to(tl.int64) * P
+    conv_size = (C // 4) * (K0 + K1 + K2 + K3 + 4)  # one branch's conv partials
+    if tl.program_id(2) == 0:
+        _branch_bwd(ph_ptr, 1, 0, W, ah_ptr, dzh_ptr, dph_ptr, nh_w, w0, b0, w1, b1, w2, b2, w3, b3, o_ptr, r_ptr,
+                    s_ptr, u_ptr, v_ptr, dy_ptr, part_b, 0, 2 * conv_size, b, grp, C, H, H, W, HO, WO, HC, KH, KW,
+                    eps_acc, K0, K1, K2, K3, PAD0, PAD1, PAD2, PAD3, False, SOFTMAX, BLOCK_G, BLOCK_H, BLOCK_CS, ACC)
+    else:
+        _branch_bwd(pw_ptr, nbands, B * C * W, H, aw_ptr, dzw_ptr, dpw_ptr, nw_w, w0, b0, w1, b1, w2, b2, w3, b3,
+                    o_ptr, r_ptr, s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_size, 2 * conv_size + 2 * C, b, grp, C, W,
+                    H, W, HO, WO, HC, KH, KW, eps_acc, K0, K1, K2, K3, PAD0, PAD1, PAD2, PAD3, True, SOFTMAX, BLOCK_G,
+                    BLOCK_W, BLOCK_CS, ACC)
+
+
 def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes, softmax, eps):
     """Gates a_h (B, C, H), a_w (B, C, W) from the pool kernel's row / banded column sums."""
     nbands, B, C, W = pw.shape
@@ -137,3 +307,33 @@ def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes
         SOFTMAX=softmax, BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, ACC=tl_dtype(ph.dtype),
         num_warps=8 if bg > 1 and bg * max(bh, bw) >= 512 else 4)
     return ah, aw
+
+
+def padded_taps(k, dtype):
+    """Whether the eager conv1d's weight gradient sums the zero padding too (torch on CPU: all but its
+    kernel-3 depthwise path for fp32 and bf16). It decides only where NaN and Inf land."""
+    return not (k == 3 and dtype in (torch.float32, torch.bfloat16))
+
+
+def spatial_gate_backward(ph, pw, ah, aw, o, sums, dy, conv_weights, norm_h_weight, norm_w_weight, conv_biases,
+                          window, softmax, eps, part, x_dtype):
+    """(dL/dp_h / W, dL/dp_w / H) from dL/dY and gate_grads' sums; fills the conv (one set per
+    branch), norm_h and norm_w partials of `part`."""
+    nbands, B, C, W = pw.shape
+    H = ph.shape[2]
+    kh, kw = window
+    bh, bw = pow2(H), pow2(W)
+    acc = ph.dtype
+    bg = max(1, min(pow2(C // 4), tile_elems(acc) // (4 * max(bh, bw))))
+    dzh, dzw = alloc((B, C, H), acc, ph.device), alloc((B, C, W), acc, ph.device)
+    dph, dpw = alloc((B, C, H), acc, ph.device), alloc((B, C, W), acc, ph.device)
+    ks = [w.shape[-1] for w in conv_weights]
+    pads = [padded_taps(k, x_dtype) for k in ks]
+    convs = [t for wb in zip(conv_weights, conv_biases) for t in wb]
+    launch(_spatial_gate_bwd_kernel, (B, 4, 2),
+        ph, pw, ah, aw, o, *sums, dy, dzh, dzw, dph, dpw, part, norm_h_weight, norm_w_weight, *convs,
+        B, C, H, W, H // kh, W // kw, triton.cdiv(H, kh), kh, kw, nbands, part.shape[1], eps,
+        K0=ks[0], K1=ks[1], K2=ks[2], K3=ks[3], PAD0=pads[0], PAD1=pads[1], PAD2=pads[2], PAD3=pads[3],
+        SOFTMAX=softmax, BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(acc),
+        num_warps=8 if bg > 1 and bg * max(bh, bw) >= 512 else 4)
+    return dph, dpw
