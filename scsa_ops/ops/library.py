@@ -77,9 +77,7 @@ class Provider:
         ops = getattr(torch.ops, ns)
         # The overloads themselves: a torch.ops packet resolves its overload on every call.
         self.ns, self.fits = ns, fits
-        self._forward, self._gate_grads, self._input_grad = (
-            ops.forward.default, ops.gate_grads.default, ops.input_grad.default)
-        self._backward = ops.backward.default
+        self._forward, self._backward = ops.forward.default, ops.backward.default
 
     def __repr__(self):
         return f"Provider({self.ns!r})"
@@ -97,9 +95,3 @@ class Provider:
         params = [*args[0], *args[1], *[t for t in args[2:] if t is not None]]
         grads = [piece.view(t.shape).to(t.dtype) for piece, t in zip(flat.split([t.numel() for t in params]), params)]
         return (dx if input_grad else None), grads
-
-    def gate_grads(self, g, x, ah, aw, window):
-        return self._gate_grads(g, x, ah, aw, *window)
-
-    def input_grad(self, g, x, ah, aw, o, dy, dph, dpw, window, softmax):
-        return self._input_grad(g, x, ah, aw, o, dy, dph, dpw, *window, softmax)
