@@ -8,14 +8,17 @@ gradients; Triton: five launches, C++: one call). This file only orchestrates th
 from __future__ import annotations
 
 import contextlib
+import functools
+import linecache
 import weakref
 from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .reference import EPS, forward_parts, window_of
-from .schema import Params, in_param_order
+from .schema import PARAMETER_ARGS, Params, in_param_order
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,44 @@ class SCSAFunction(torch.autograd.Function):
         return (dx, None, None, *in_param_order(grads))
 
 
+def forward_op(x, params, cfg: Config, provider):
+    """The output of the provider's forward op, outside autograd: what a deployment graph records
+    (TorchScript, torch.export: neither can serialise a Python autograd.Function)."""
+    if torch.jit.is_tracing():
+        with _device_of(x):
+            return _traceable_forward(provider.ns)(x, *Params(params).op_args(), cfg.head_num, cfg.window_size,
+                                                    cfg.gate == "softmax", EPS)
+    return _forward(x, provider, cfg, params)[1][0]
+
+
+@functools.lru_cache(maxsize=None)
+def _traceable_forward(ns):
+    """The forward op of namespace `ns` in a TorchScript function that reads the pooling window
+    from x's size: torch.jit.trace records the function, aten::size calls included, where a window
+    computed in Python would be baked in as the traced size (wrong for global pooling at any other
+    size). Generated from schema.PARAMETER_ARGS; registered with linecache so that torch.jit.script
+    can read its source, and saved with a traced model like any scripted function."""
+    types = {"Tensor": "Tensor", "Tensor[]": "List[Tensor]", "Tensor?": "Optional[Tensor]"}
+    args = [arg.split() for arg in PARAMETER_ARGS.split(", ")]
+    name = f"{ns}_forward"
+    source = f"""def {name}(x: Tensor, {", ".join(f"{a}: {types[kind]}" for kind, a in args)}, head_num: int,
+        window_size: int, softmax: bool, eps: float) -> Tensor:
+    kh, kw = window_size, window_size
+    if window_size == -1:
+        kh, kw = x.size(2), x.size(3)
+    return torch.ops.{ns}.forward(x, {", ".join(a for _, a in args)}, head_num, kh, kw, softmax, eps)[0]
+"""
+    filename = f"<scsa_ops.function.{name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    scope = {"torch": torch, "Tensor": torch.Tensor, "List": List, "Optional": Optional}
+    exec(compile(source, filename, "exec"), scope)
+    fn = scope[name]
+    fn.__module__ = __name__
+    return torch.jit.script(fn)
+
+
 def fused_scsa(x, params, cfg: Config, provider):
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return SCSAFunction.apply(x, provider, cfg, *params)
     # Inference: nothing to save, so skip the autograd.Function machinery (tens of microseconds).
-    return _forward(x, provider, cfg, params)[1][0]
+    return forward_op(x, params, cfg, provider)

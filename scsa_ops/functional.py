@@ -6,7 +6,7 @@ from typing import Mapping, Optional
 import torch
 
 from . import backends
-from .function import Config, eager_math, fused_scsa
+from .function import Config, eager_math, forward_op, fused_scsa
 from .reference import check_config, check_input, window_of
 from .schema import CONV_WEIGHTS, OPTIONAL, PARAM_NAMES, QKV_BIASES, QKV_WEIGHTS, indices, shape
 
@@ -32,7 +32,7 @@ def scsa(input: torch.Tensor, params: Mapping[str, Optional[torch.Tensor]], *, h
         raise ValueError(f"SCSA: params['norm.weight'] must be a 1-D tensor of the channels, got {weight!r:.80}")
     dim = weight.shape[0]
     kernel_sizes = [params[n].shape[-1] for n in CONV_WEIGHTS]
-    check_config(dim, head_num, window_size, kernel_sizes, "avg_pool", 0.0, gate_layer)
+    _, head_num, window_size, _ = check_config(dim, head_num, window_size, kernel_sizes, "avg_pool", 0.0, gate_layer)
     for name, t in zip(PARAM_NAMES, plist):
         expected = shape(name, dim, kernel_sizes)
         if t is not None and tuple(t.shape) != expected:
@@ -46,12 +46,19 @@ def run(x, params, cfg: Config, backend):
     takes this call, else the reference math on the same parameters."""
     provider = backends.resolve(backend, x.device, True)
     window_w = window_of(cfg.window_size, *x.shape[2:])[1]
-    if provider is None or x.shape[0] == 0 or not provider.fits(x.shape[3], window_w):
+    if provider is None or x.shape[0] == 0 or not provider.fits(x.shape[3], window_w) or _onnx_export():
         return eager_math(x, params, cfg)
     check_params(params, x)
     if any(t is None for t in params):  # not `None in params`: that compares tensors (200 us)
         params = _fill_missing(params, x.shape[1])
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():  # a deployment graph: inference
+        return forward_op(x, params, cfg, provider)
     return fused_scsa(x, params, cfg, provider)
+
+
+def _onnx_export():
+    """ONNX has no fused op: its export records the reference math in standard ops."""
+    return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
 
 
 def module_params(module):

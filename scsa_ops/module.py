@@ -24,7 +24,7 @@ class SCSA(ReferenceSCSA):
         super().__init__(dim, head_num, window_size, group_kernel_sizes, qkv_bias, fuse_bn, norm_cfg,
                          act_cfg, down_sample_mode, attn_drop_ratio, gate_layer)
         self.backend = backends.check_backend(backend)
-        self.config = Config(head_num, window_size, gate_layer)
+        self.config = Config(self.head_num, self.window_size, gate_layer)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, backend={self.backend!r}"

@@ -7,6 +7,7 @@ recomputed small tensors, so they are written as plain functions of tensors.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -61,27 +62,43 @@ def window_of(window_size, h, w):
     return (h, w) if window_size == -1 else (window_size, window_size)
 
 
+def _as_int(value):
+    """Python, numpy and torch integers alike (sizes often come from configs or arrays), as the
+    official module takes them; None for anything else."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_config(dim, head_num, window_size, group_kernel_sizes, down_sample_mode,
                  attn_drop_ratio, gate_layer):
-    if not isinstance(dim, int) or dim <= 0 or dim % 4:
-        raise ValueError(f"SCSA: dim must be a positive multiple of 4 (four channel groups), got {dim}")
-    if not isinstance(head_num, int) or head_num <= 0 or dim % head_num:
-        raise ValueError(f"SCSA: dim={dim} must be divisible by head_num={head_num}")
-    if not isinstance(window_size, int) or (window_size != -1 and window_size < 1):
+    """The validated (dim, head_num, window_size, group_kernel_sizes) as Python ints; messages
+    print each argument as it was given."""
+    d, h, win = _as_int(dim), _as_int(head_num), _as_int(window_size)
+    if d is None or d <= 0 or d % 4:
+        raise ValueError(f"SCSA: dim must be a positive multiple of 4 (four channel groups), got {dim!r}")
+    if h is None or h <= 0:
+        raise ValueError(f"SCSA: head_num must be a positive int, got {head_num!r}")
+    if d % h:
+        raise ValueError(f"SCSA: dim={dim!r} must be divisible by head_num={head_num!r}")
+    if win is None or (win != -1 and win < 1):
         raise ValueError(f"SCSA: window_size must be a positive int or -1 (global), got {window_size!r}")
-    ks = tuple(group_kernel_sizes)
-    if len(ks) != 4 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in ks):
-        raise ValueError(f"SCSA: group_kernel_sizes must be four odd positive ints, got {ks}")
-    if down_sample_mode == "recombination":
+    ks = tuple(_as_int(k) for k in group_kernel_sizes)
+    if len(ks) != 4 or any(k is None or k < 1 or k % 2 == 0 for k in ks):
+        raise ValueError(f"SCSA: group_kernel_sizes must be four odd positive ints, got {group_kernel_sizes!r}")
+    # window_size=-1 is global average pooling whatever the mode, as in the official module.
+    if win != -1 and down_sample_mode == "recombination":
         raise ValueError("SCSA: down_sample_mode='recombination' is not supported: the official module "
-                         "calls a space_to_chans method it never defines; use 'avg_pool' or 'max_pool'")
-    if down_sample_mode not in DOWN_SAMPLE_MODES:
+                         "calls a space_to_chans method it never defines; use 'avg_pool' or 'max_pool' "
+                         "(or window_size=-1, global pooling)")
+    if win != -1 and down_sample_mode not in DOWN_SAMPLE_MODES:
         raise ValueError(f"SCSA: unknown down_sample_mode {down_sample_mode!r}; expected one of {DOWN_SAMPLE_MODES}")
     if gate_layer not in GATES:
         raise ValueError(f"SCSA: unknown gate_layer {gate_layer!r}; expected one of {GATES}")
     if not 0.0 <= attn_drop_ratio < 1.0:
         raise ValueError(f"SCSA: attn_drop_ratio must be in [0, 1), got {attn_drop_ratio}")
-    return ks
+    return d, h, win, ks
 
 
 def check_input(x, dim, window_size, param_device):
@@ -117,8 +134,8 @@ class SCSA(nn.Module):
                  down_sample_mode: str = "avg_pool", attn_drop_ratio: float = 0.0,
                  gate_layer: str = "sigmoid"):
         super().__init__()
-        ks = check_config(dim, head_num, window_size, group_kernel_sizes, down_sample_mode,
-                          attn_drop_ratio, gate_layer)
+        dim, head_num, window_size, ks = check_config(dim, head_num, window_size, group_kernel_sizes,
+                                                      down_sample_mode, attn_drop_ratio, gate_layer)
         self.dim, self.head_num, self.head_dim = dim, head_num, dim // head_num
         self.scaler = self.head_dim ** -0.5
         self.group_kernel_sizes = ks
@@ -126,17 +143,35 @@ class SCSA(nn.Module):
         self.qkv_bias = qkv_bias
         self.fuse_bn = fuse_bn
         self.down_sample_mode = down_sample_mode
-        self.attn_drop_ratio = attn_drop_ratio
         self.gate_layer = gate_layer
         self.group_chans = g = dim // 4
         for name, k in zip(CONVS, ks):
             setattr(self, name, nn.Conv1d(g, g, kernel_size=k, padding=k // 2, groups=g))
+        # The official class's parameter-free submodules, in its order (state dict unchanged): code
+        # written for it reads them. gate_layer chooses the gates; attn_drop holds the dropout rate.
+        self.sa_gate = nn.Softmax(dim=2) if gate_layer == "softmax" else nn.Sigmoid()
         self.norm_h = nn.GroupNorm(4, dim)
         self.norm_w = nn.GroupNorm(4, dim)
         self.norm = nn.GroupNorm(1, dim)
         self.q = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim)
         self.k = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim)
         self.v = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim)
+        self.attn_drop = nn.Dropout(attn_drop_ratio)
+        self.ca_gate = nn.Softmax(dim=1) if gate_layer == "softmax" else nn.Sigmoid()
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: say what works instead.
+        raise RuntimeError("SCSA: torch.jit.script cannot compile SCSA (its forward dispatches in Python); use "
+                           "torch.jit.trace, which records the fused op (scsa_cpp::forward), or torch.export")
+
+    @property
+    def attn_drop_ratio(self):
+        """The attention dropout rate: `attn_drop.p`, so that `m.attn_drop.p = 0.2` takes effect."""
+        return self.attn_drop.p
+
+    @attn_drop_ratio.setter
+    def attn_drop_ratio(self, p):
+        self.attn_drop.p = p
 
     def extra_repr(self):
         return (f"dim={self.dim}, head_num={self.head_num}, window_size={self.window_size}, "

@@ -79,14 +79,16 @@ PARAMETER_ARGS = (
 # the output and the small intermediates the backward needs. backward is the whole backward in one
 # call, [dX (empty unless input_grad), every parameter gradient, flat, in OP_ORDER, in the
 # accumulator dtype] (one flat tensor: op outputs may not alias, and splitting it is views only);
-# gate_grads and input_grad are its two full-size passes, also ops of their own.
+# gate_grads and input_grad are its two full-size passes, also ops of their own. The pooling window
+# is SymInt: with global pooling it is the map's size, which torch.export keeps symbolic.
 SCHEMAS = {
-    "forward": f"(Tensor x, {PARAMETER_ARGS}, int head_num, int kh, int kw, bool softmax, float eps) -> Tensor[]",
-    "gate_grads": "(Tensor g, Tensor x, Tensor ah, Tensor aw, int kh, int kw) -> (Tensor, Tensor, Tensor, Tensor)",
-    "input_grad": ("(Tensor g, Tensor x, Tensor ah, Tensor aw, Tensor o, Tensor dy, Tensor dph, Tensor dpw, int kh, "
-                   "int kw, bool softmax) -> Tensor"),
+    "forward": f"(Tensor x, {PARAMETER_ARGS}, int head_num, SymInt kh, SymInt kw, bool softmax, float eps) -> Tensor[]",
+    "gate_grads": ("(Tensor g, Tensor x, Tensor ah, Tensor aw, SymInt kh, SymInt kw) "
+                   "-> (Tensor, Tensor, Tensor, Tensor)"),
+    "input_grad": ("(Tensor g, Tensor x, Tensor ah, Tensor aw, Tensor o, Tensor dy, Tensor dph, Tensor dpw, "
+                   "SymInt kh, SymInt kw, bool softmax) -> Tensor"),
     "backward": (f"(Tensor g, Tensor x, {PARAMETER_ARGS}, Tensor ph, Tensor pw, Tensor ah, Tensor aw, Tensor y, "
-                 "Tensor o, int head_num, int kh, int kw, bool softmax, float eps, bool input_grad) -> Tensor[]"),
+                 "Tensor o, int head_num, SymInt kh, SymInt kw, bool softmax, float eps, bool input_grad) -> Tensor[]"),
 }
 
 _libraries = {}

@@ -226,7 +226,7 @@ def test_ops_check_their_inputs(provider):
 def test_binary_built_for_a_wider_cpu_is_refused(monkeypatch):
     fake_ext = type("Ext", (), {"capability": "AVX512"})
     monkeypatch.setattr(cpp, "_state", None)
-    monkeypatch.setattr(cpp, "_import", lambda: (fake_ext, None))
+    monkeypatch.setattr(cpp, "_import", lambda jit: (fake_ext, None))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     provider, why = cpp.load()
     assert provider is None and "built for AVX512" in why and "AVX2" in why

@@ -25,11 +25,13 @@ def _jit():
                           extra_ldflags=_build.ld_flags(), build_directory=path, verbose=False)
 
 
-def _import():
+def _import(jit):
     try:
         return importlib.import_module("scsa_ops._C"), None
     except ImportError as e:
         built_why = f"scsa_ops._C does not import ({e})"
+    if not jit:
+        return None, built_why
     if not _build.sources():
         return None, f"{built_why}, and the C++ sources ({_build.CSRC}) are not available to build it"
     try:
@@ -42,11 +44,15 @@ def _any_width(w, window_w):
     return True  # rows are streamed in vectors: no width limit
 
 
-def load():
-    """(the provider, None) or (None, why the C++ path is unavailable)."""
+def load(jit=True):
+    """(the provider, None) or (None, why the C++ path is unavailable). jit=False (import time) uses
+    only an extension already built, compiling nothing, and leaves the answer open when there is
+    none: the first fused call may then build it."""
     global _state
     if _state is None:
-        ext, why = _import()
+        ext, why = _import(jit)
+        if ext is None and not jit:
+            return None, why
         if ext is not None:
             here = _build.capability()
             if _build.ISA_ORDER.index(ext.capability) > _build.ISA_ORDER.index(here):
