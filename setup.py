@@ -1,25 +1,57 @@
-"""Build script: the pure-Python package plus the C++ CPU extension scsa_ops._C (csrc/, ninja).
+"""Build script: the pure-Python package plus the C++ CPU extension, one module per instruction set
+(scsa_ops._C_default, _C_avx2, _C_avx512 on x86-64; scsa_ops/_build.py says why), with ninja.
 
 Install with `pip install -e . --no-build-isolation` so the extension is compiled against the torch
 already installed. Set SCSA_OPS_NO_EXT=1 to skip it: the package then builds it on first use
-(torch.utils.cpp_extension.load) or, failing that, falls back to eager with a warning."""
+(torch.utils.cpp_extension.load) or, failing that, falls back to eager with a warning. A wheel
+(`pip wheel . --no-build-isolation`) carries every module and a copy of csrc/ for that fallback."""
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-ext_modules, cmdclass = [], {}
+ROOT = Path(__file__).parent
+
+
+class BuildPyWithSources(build_py):
+    """The package plus csrc/ as scsa_ops/csrc: the JIT fallback of an installed wheel compiles it."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "scsa_ops" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in sorted((ROOT / "csrc").glob("*.[ch]*")):
+            shutil.copy2(src, target / src.name)
+
+
+ext_modules, cmdclass = [], {"build_py": BuildPyWithSources}
 if os.environ.get("SCSA_OPS_NO_EXT", "0") != "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     # scsa_ops/_build.py by path: importing the package itself would import its Python modules.
-    spec = importlib.util.spec_from_file_location("_scsa_build", Path(__file__).parent / "scsa_ops" / "_build.py")
+    spec = importlib.util.spec_from_file_location("_scsa_build", ROOT / "scsa_ops" / "_build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    srcs = [os.path.relpath(s) for s in build.sources()]
-    ext_modules = [CppExtension(build.NAME, srcs, extra_compile_args=build.cxx_flags(),
-                                extra_link_args=build.ld_flags())]
-    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class BuildPerISA(BuildExtension):
+        """Each instruction set's objects in a directory of their own: the modules compile the same
+        sources with different flags."""
+
+        def build_extension(self, ext):
+            base = self.build_temp
+            self.build_temp = os.path.join(base, ext.name)
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = base
+
+    srcs = [os.path.relpath(s, ROOT) for s in build.build_sources(ROOT / "build" / "passes")]
+    ext_modules = [CppExtension(build.module_name(isa), srcs, extra_compile_args=build.cxx_flags(isa),
+                                extra_link_args=build.ld_flags())
+                   for isa in build.built_isas()]
+    cmdclass["build_ext"] = BuildPerISA.with_options(use_ninja=True)
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -2,7 +2,7 @@
 shapes launch; report registers and spills from ptxas. Run without TRITON_INTERPRET (the
 interpreter accepts code the GPU compiler rejects). Prints one JSON line per compiled variant.
 
-    python -m bench.aot_compile [sm ...]      # default: 80 90 (tests/test_aot_compile.py runs it)
+    python -m bench.aot_compile [sm ...] [--shard I/N]   # default: 80 90; --shard: every Nth variant from I
 """
 import json
 import os
@@ -84,8 +84,8 @@ def spills(ptx, arch):
     return regs, spill
 
 
-def main(archs):
-    for name, fn, sig, consts, num_warps in collect():
+def main(archs, shard=(0, 1)):
+    for name, fn, sig, consts, num_warps in collect()[shard[0]::shard[1]]:
         for arch in archs:
             src = ASTSource(fn, sig, consts)
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
@@ -98,4 +98,10 @@ def main(archs):
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [80, 90])
+    args = sys.argv[1:]
+    shard = (0, 1)
+    if "--shard" in args:
+        at = args.index("--shard")
+        shard = tuple(int(v) for v in args[at + 1].split("/"))
+        del args[at:at + 2]
+    main([int(a) for a in args] or [80, 90], shard)

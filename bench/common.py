@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+import scsa_ops
+
 
 def time_all(fns, device, reps, rounds=5):
     """{name: median ms per call} for a dict of zero-argument callables, timed side by side.
@@ -67,6 +69,7 @@ def machine(device):
         triton_version = None
     info = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
                 device_type=device.type, cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                kernels_isa=scsa_ops.cpu_capability(),  # the C++ kernels that ran: ATEN_CPU_CAPABILITY lowers both
                 cpu_count=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                 triton=triton_version, cuda=torch.version.cuda, python=platform.python_version(),
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -74,7 +77,9 @@ def machine(device):
 
 
 def machine_line(info):
-    dev = info["device"] if info["device_type"] == "cuda" else f"{info['device']} ({info['cpu_capability']})"
+    dev = info["device"]
+    if info["device_type"] != "cuda":
+        dev += f" (torch at {info['cpu_capability']}, C++ kernels {info.get('kernels_isa')})"
     return (f"{dev}, {info['threads']} threads, torch {info['torch']}, triton {info['triton']}, "
             f"{info['timestamp']}")
 

@@ -5,6 +5,8 @@
 // hot path: there the op runs the eager module's own sequence of ATen ops (scsa_ops/reference.py,
 // step for step) in the input's dtype, as the eager module converted to it would (overflow in
 // fp16 is part of where an Inf lands), so NaN and Inf land exactly where the eager module's do.
+#include <ATen/ATen.h>  // the eager ops: every kernel of ATen, where the passes need only at::vec
+
 #include <cmath>
 
 #include "scsa.h"

@@ -4,11 +4,15 @@
 // (pooled sums, gates, Y, logits, backward partial sums) are in that accumulator dtype.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "ops.h"
+
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -316,25 +320,5 @@ void apply_gates(Forward& f, int64_t b0, int64_t nb);
 // nonfinite.cpp: whether every parameter is finite, and the forward for when one is not.
 bool parameters_finite(const Weights& f);
 std::vector<Tensor> forward_eager(const Forward& f);
-
-std::vector<Tensor> forward(const Tensor& x, at::TensorList conv_weights, at::TensorList conv_biases,
-                            const Tensor& norm_h_weight, const Tensor& norm_h_bias, const Tensor& norm_w_weight,
-                            const Tensor& norm_w_bias, const Tensor& norm_c_weight, const Tensor& norm_c_bias,
-                            const Tensor& q_weight, const Tensor& k_weight, const Tensor& v_weight,
-                            const std::optional<Tensor>& q_bias, const std::optional<Tensor>& k_bias,
-                            const std::optional<Tensor>& v_bias, int64_t head_num, int64_t kh, int64_t kw, bool softmax,
-                            double eps);
-Tensor input_grad(const Tensor& g, const Tensor& x, const Tensor& ah, const Tensor& aw, const Tensor& o,
-                  const Tensor& dy, const Tensor& dph, const Tensor& dpw, int64_t kh, int64_t kw, bool softmax);
-std::tuple<Tensor, Tensor, Tensor, Tensor> gate_grads(const Tensor& g, const Tensor& x, const Tensor& ah,
-                                                      const Tensor& aw, int64_t kh, int64_t kw);
-std::vector<Tensor> backward(const Tensor& g, const Tensor& x, at::TensorList conv_weights, at::TensorList conv_biases,
-                             const Tensor& norm_h_weight, const Tensor& norm_h_bias, const Tensor& norm_w_weight,
-                             const Tensor& norm_w_bias, const Tensor& norm_c_weight, const Tensor& norm_c_bias,
-                             const Tensor& q_weight, const Tensor& k_weight, const Tensor& v_weight,
-                             const std::optional<Tensor>& q_bias, const std::optional<Tensor>& k_bias,
-                             const std::optional<Tensor>& v_bias, const Tensor& ph, const Tensor& pw, const Tensor& ah,
-                             const Tensor& aw, const Tensor& y, const Tensor& o, int64_t head_num, int64_t kh,
-                             int64_t kw, bool softmax, double eps, bool input_grad);
 
 }  // namespace scsa
