@@ -38,12 +38,12 @@ void apply_nchw(const T* src, T* dst, const Gates<acc_t<T>>& g, int64_t planes) 
           const V dph(g.dph[p * H + h]), ac(a_c);
           const A* dpw = g.dpw + p * W;
           for_lanes<A>(W, [&](int64_t w, int64_t n) {
-            auto dxs = at::vec::fmadd(load(s + w, n), ac, V::loadu(up.data() + w, n));
-            store(d + w, dxs * a_h * V::loadu(col.data() + w, n) + dph + V::loadu(dpw + w, n), n);
+            auto dxs = at::vec::fmadd(load(s + w, n), ac, load(up.data() + w, n));
+            store(d + w, dxs * a_h * load(col.data() + w, n) + dph + load(dpw + w, n), n);
           });
         } else {
-          for_lanes<A>(
-              W, [&](int64_t w, int64_t n) { store(d + w, load(s + w, n) * a_h * V::loadu(col.data() + w, n), n); });
+          for_lanes<A>(W,
+                       [&](int64_t w, int64_t n) { store(d + w, load(s + w, n) * a_h * load(col.data() + w, n), n); });
         }
       }
     }
@@ -91,11 +91,11 @@ void apply_nhwc(const T* src, T* dst, const Gates<acc_t<T>>& g, int64_t B, int64
           T* d = dst + ((b * H + h) * W + w) * C + c0;
           const A* cw = col.data() + w * cb;
           for_lanes<A>(cn, [&](int64_t c, int64_t n) {
-            auto gate = V::loadu(row.data() + c, n) * V::loadu(cw + c, n);
+            auto gate = load(row.data() + c, n) * load(cw + c, n);
             if constexpr (kInputGrad) {
-              auto dxs = load(s + c, n) * V::loadu(ac.data() + c, n);
-              if (covered && w < wo * g.kw) dxs = dxs + V::loadu(up.data() + w / g.kw * cb + c, n);
-              store(d + c, dxs * gate + V::loadu(dph.data() + c, n) + V::loadu(dpw.data() + w * cb + c, n), n);
+              auto dxs = load(s + c, n) * load(ac.data() + c, n);
+              if (covered && w < wo * g.kw) dxs = dxs + load(up.data() + w / g.kw * cb + c, n);
+              store(d + c, dxs * gate + load(dph.data() + c, n) + load(dpw.data() + w * cb + c, n), n);
             } else {
               store(d + c, load(s + c, n) * gate, n);
             }

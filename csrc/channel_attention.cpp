@@ -49,10 +49,10 @@ void key_moments(const A* k, const A* v, int64_t D, A kmax, A kmin, Moments& m) 
     VD num(0), den(0);
     const VD next(1.0 / (p + 1));
     for_lanes<double>(D, [&](int64_t j, int64_t n) {
-      const VD w = VD::loadu(power.data() + j, n);  // lanes past n load as 0
+      const VD w = load(power.data() + j, n);  // lanes past n load as 0
       den += w;
-      num = at::vec::fmadd(w, VD::loadu(vd.data() + j, n), num);
-      (w * VD::loadu(d.data() + j, n) * next).store(power.data() + j, n);
+      num = at::vec::fmadd(w, load(vd.data() + j, n), num);
+      store(power.data() + j, w * load(d.data() + j, n) * next, n);
     });
     m.num[p] = reduce_sum(num), m.den[p] = reduce_sum(den);
   }
@@ -102,9 +102,9 @@ Affine<A> fold_affines(const Inputs<A>& in) {
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const A* yb = in.y + b * M;
-      const A mu = f.mu[b] = A(chunked_sum<A>(M, [&](int64_t k, int64_t n) { return V::loadu(yb + k, n); }) / M);
+      const A mu = f.mu[b] = A(chunked_sum<A>(M, [&](int64_t k, int64_t n) { return load(yb + k, n); }) / M);
       const double var = chunked_sum<A>(M, [&](int64_t k, int64_t n) {
-        auto d = V::loadu(yb + k, n) - V(mu);
+        auto d = load(yb + k, n) - V(mu);
         return V::set(V(0), d * d, n);  // lanes past n would add mu^2
       });
       const A rstd = A(1 / std::sqrt(var / M + double(in.eps)));
@@ -115,7 +115,7 @@ Affine<A> fold_affines(const Inputs<A>& in) {
         f.ak[i] = in.wk[c] * g;
         f.bk[i] = in.wk[c] * in.gn_b[c] + (in.bk ? in.bk[c] : A(0));
         V ysum(0);
-        for_lanes<A>(N, [&](int64_t n0, int64_t n) { ysum += V::loadu(yb + c * N + n0, n); });
+        for_lanes<A>(N, [&](int64_t n0, int64_t n) { ysum += load(yb + c * N + n0, n); });
         f.vbar[i] = in.wv[c] * g * (reduce_sum(ysum) / A(N) - mu) + in.wv[c] * in.gn_b[c] + (in.bv ? in.bv[c] : A(0));
       }
     }
@@ -254,11 +254,11 @@ void rank_one_rows(const A* yb, const Affine<A>& f, const Moments& mom, int64_t 
     x[r - r0] = double(f.aq[i] * (yb[c0 + r] - f.mu[b]) + f.bq[i]) * inv_sqrt_d;
   }
   for_lanes<double>(r1 - r0, [&](int64_t r, int64_t n) {
-    const VD xv = VD::loadu(x + r, n);
+    const VD xv = load(x + r, n);
     VD num(mom.num[kTerms - 1]), den(mom.den[kTerms - 1]);
     for (int p = kTerms - 2; p >= 0; --p)
       num = at::vec::fmadd(num, xv, VD(mom.num[p])), den = at::vec::fmadd(den, xv, VD(mom.den[p]));
-    (num / den).store(ratio + r, n);
+    store(ratio + r, num / den, n);
   });
   for (int64_t r = r0; r < r1; ++r)
     if ((done[r - r0] = std::abs(x[r - r0]) * mom.rad <= kMaxRadius)) o[b * C + c0 + r] = A(ratio[r - r0]);

@@ -68,7 +68,7 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
       const V qv(p.q[n * C + ci] * scale);
       const A* krow = p.k.data() + n * C + c0;
       for_lanes<A>(D, [&](int64_t j, int64_t m) {
-        at::vec::fmadd(qv, V::loadu(krow + j, m), V::loadu(score.data() + j, m)).store(score.data() + j, m);
+        store(score.data() + j, at::vec::fmadd(qv, load(krow + j, m), load(score.data() + j, m)), m);
       });
     }
     A mx = score[0];
@@ -76,23 +76,23 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
     const V shift(mx), log2e(static_cast<A>(kLog2e));
     V den(0);
     for_lanes<A>(D, [&](int64_t j, int64_t m) {
-      const V e = exp2((V::loadu(score.data() + j, m) - shift) * log2e);
+      const V e = exp2((load(score.data() + j, m) - shift) * log2e);
       den += V::set(V(0), e, m);
-      e.store(prob.data() + j, m);
+      store(prob.data() + j, e, m);
     });
     const V inv(A(1) / reduce_sum(den));
     V oi(0);
     for_lanes<A>(D, [&](int64_t j, int64_t m) {
-      const V pj = V::loadu(prob.data() + j, m) * inv;
-      pj.store(prob.data() + j, m);
-      oi = at::vec::fmadd(pj, V::loadu(vbar + j, m), oi);  // lanes past m are 0
+      const V pj = load(prob.data() + j, m) * inv;
+      store(prob.data() + j, pj, m);
+      oi = at::vec::fmadd(pj, load(vbar + j, m), oi);  // lanes past m are 0
     });
     const V o_i(reduce_sum(oi)), do_i(dO[ci]);
     // score now holds dS_ij * s.
     for_lanes<A>(D, [&](int64_t j, int64_t m) {
-      const V pj = V::loadu(prob.data() + j, m);
-      at::vec::fmadd(pj, do_i, V::loadu(dvbar + c0 + j, m)).store(dvbar + c0 + j, m);
-      (pj * do_i * (V::loadu(vbar + j, m) - o_i) * V(scale)).store(score.data() + j, m);
+      const V pj = load(prob.data() + j, m);
+      store(dvbar + c0 + j, at::vec::fmadd(pj, do_i, load(dvbar + c0 + j, m)), m);
+      store(score.data() + j, pj * do_i * (load(vbar + j, m) - o_i) * V(scale), m);
     });
     for (int64_t n = 0; n < N; ++n) {
       const A* krow = p.k.data() + n * C + c0;
@@ -100,9 +100,9 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
       const V qn(p.q[n * C + ci]);
       V acc(0);
       for_lanes<A>(D, [&](int64_t j, int64_t m) {
-        const V ds = V::loadu(score.data() + j, m);
-        acc = at::vec::fmadd(ds, V::loadu(krow + j, m), acc);
-        at::vec::fmadd(ds, qn, V::loadu(dkrow + j, m)).store(dkrow + j, m);
+        const V ds = load(score.data() + j, m);
+        acc = at::vec::fmadd(ds, load(krow + j, m), acc);
+        store(dkrow + j, at::vec::fmadd(ds, qn, load(dkrow + j, m)), m);
       });
       dq[n * C + ci] = reduce_sum(acc);
     }

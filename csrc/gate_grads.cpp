@@ -36,13 +36,13 @@ void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
           const T* xr = x + (p * H + h) * W;
           V r(0);
           for_lanes<A>(W, [&](int64_t w, int64_t n) {
-            const auto xv = load(xr + w, n), gx = load(gr + w, n) * xv, aw_v = V::loadu(a_w + w, n);
+            const auto xv = load(xr + w, n), gx = load(gr + w, n) * xv, aw_v = load(a_w + w, n);
             r = at::vec::fmadd(gx, aw_v, r);
-            at::vec::fmadd(gx, a_h, V::loadu(s_row + w, n)).store(s_row + w, n);
-            (xv * aw_v).store(xaw.data() + w, n);
+            store(s_row + w, at::vec::fmadd(gx, a_h, load(s_row + w, n)), n);
+            store(xaw.data() + w, xv * aw_v, n);
             if (full && w < wc) {
               const int64_t nv = std::min(n, wc - w);
-              at::vec::fmadd(xv, a_h, V::loadu(v_row + w, nv)).store(v_row + w, nv);
+              store(v_row + w, at::vec::fmadd(xv, a_h, load(v_row + w, nv)), nv);
             }
           });
           R[p * H + h] = reduce_sum(r);
@@ -85,14 +85,14 @@ void gate_grads_nhwc(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
           const bool windowed = full && w < wc;
           for_lanes<A>(cn, [&](int64_t c, int64_t n) {
             const auto xv = load(x + off + c, n), gx = load(g + off + c, n) * xv;
-            const auto aw_v = V::loadu(aw_t.data() + w * cb + c, n), ah_v = V::loadu(ah_t.data() + c, n);
-            at::vec::fmadd(gx, aw_v, V::loadu(r.data() + c, n)).store(r.data() + c, n);
-            at::vec::fmadd(gx, ah_v, V::loadu(s.data() + w * cb + c, n)).store(s.data() + w * cb + c, n);
+            const auto aw_v = load(aw_t.data() + w * cb + c, n), ah_v = load(ah_t.data() + c, n);
+            store(r.data() + c, at::vec::fmadd(gx, aw_v, load(r.data() + c, n)), n);
+            store(s.data() + w * cb + c, at::vec::fmadd(gx, ah_v, load(s.data() + w * cb + c, n)), n);
             if (windowed) {
               A* vw = v.data() + w * cb + c;
-              at::vec::fmadd(xv, ah_v, V::loadu(vw, n)).store(vw, n);
+              store(vw, at::vec::fmadd(xv, ah_v, load(vw, n)), n);
               A* uj = u.data() + w / kw * cb + c;
-              at::vec::fmadd(xv, aw_v, V::loadu(uj, n)).store(uj, n);
+              store(uj, at::vec::fmadd(xv, aw_v, load(uj, n)), n);
             }
           });
         }

@@ -26,7 +26,7 @@ void window_row(const T* rows, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>*
         if (n[v] > 0) acc[v] = at::vec::fmadd(load(rows + r * W + w0 + v * L, n[v]), a_h, acc[v]);
     }
     for (int v = 0; v < NV; ++v)
-      if (n[v] > 0) (acc[v] * V::loadu(aw + w0 + v * L, n[v])).store(weighted + w0 + v * L, n[v]);
+      if (n[v] > 0) store(weighted + w0 + v * L, acc[v] * load(aw + w0 + v * L, n[v]), n[v]);
   }
 }
 
@@ -125,8 +125,8 @@ void gated_pool_nhwc(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T
             const T* px = x + ((b * H + h) * W + w) * C + c0;
             A* aj = acc.data() + w / kw * cb;
             for_lanes<A>(cn, [&](int64_t c, int64_t n) {
-              auto g = V::loadu(ah_t.data() + h * cb + c, n) * V::loadu(aw_t.data() + w * cb + c, n);
-              (V::loadu(aj + c, n) + load(px + c, n) * g).store(aj + c, n);
+              auto g = load(ah_t.data() + h * cb + c, n) * load(aw_t.data() + w * cb + c, n);
+              store(aj + c, load(aj + c, n) + load(px + c, n) * g, n);
             });
           }
         for (int64_t c = 0; c < cn; ++c)

@@ -20,7 +20,7 @@ bool finite(const Tensor& t) {
   using V = Vectorized<A>;
   const A* p = t.const_data_ptr<A>();
   V acc(0);
-  for_lanes<A>(t.numel(), [&](int64_t i, int64_t n) { acc = at::vec::fmadd(V::loadu(p + i, n), V(0), acc); });
+  for_lanes<A>(t.numel(), [&](int64_t i, int64_t n) { acc = at::vec::fmadd(load(p + i, n), V(0), acc); });
   return !std::isnan(reduce_sum(acc));
 }
 

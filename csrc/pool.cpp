@@ -28,7 +28,7 @@ void plane_sums(const T* plane, acc_t<T>* ph, acc_t<T>* pw, int64_t H, int64_t W
       ph[h] = (w0 == 0 ? A(0) : ph[h]) + reduce_sum(row);
     }
     for (int v = 0; v < NV; ++v)
-      if (n[v] > 0) col[v].store(pw + w0 + v * L, n[v]);
+      if (n[v] > 0) store(pw + w0 + v * L, col[v], n[v]);
   }
 }
 
@@ -63,8 +63,8 @@ void pool_nhwc(const T* x, acc_t<T>* ph, acc_t<T>* pw, int64_t B, int64_t C, int
           A* cw = col.data() + w * cb;
           for_lanes<A>(cn, [&](int64_t c, int64_t n) {
             auto v = load(px + c, n);
-            (Vectorized<A>::loadu(row.data() + c, n) + v).store(row.data() + c, n);
-            (Vectorized<A>::loadu(cw + c, n) + v).store(cw + c, n);
+            store(row.data() + c, load(row.data() + c, n) + v, n);
+            store(cw + c, load(cw + c, n) + v, n);
           });
         }
         for (int64_t c = 0; c < cn; ++c) ph[(b * C + c0 + c) * H + h] = row[c];

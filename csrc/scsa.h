@@ -18,7 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 #include <tuple>
@@ -38,7 +38,29 @@ using AccVec = Vectorized<acc_t<T>>;
 #if defined(CPU_CAPABILITY_AVX512)
 inline __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
 inline __m512i lane_ids() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+#elif defined(CPU_CAPABILITY_AVX2)
+// AVX2 masks for vmaskmov loads: the first n lanes of 8 (fp32) or 4 (fp64) have their sign bit set.
+inline __m256i lanes32(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256i lanes64(int64_t n) { return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)); }
 #endif
+
+// n < size() lanes of an accumulator-dtype vector at p, the rest zero. at::vec's own partial load
+// on AVX2 goes through a stack buffer and a memcpy call; vmaskmov reads the n lanes only. The rows
+// of every NCHW map narrower than a vector, and the tail of every other, take this path. (Partial
+// stores stay at::vec's: a vmaskmov store is slow on AMD's cores, +14% at 7x7 maps on Zen 4.)
+template <typename A>
+inline Vectorized<A> load_partial(const A* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>)
+    return _mm256_maskload_ps(p, lanes32(n));
+  else
+    return _mm256_maskload_pd(p, lanes64(n));
+#else
+  return Vectorized<A>::loadu(p, n);
+#endif
+}
 
 // n <= size() elements of p, widened to accumulator lanes; lanes past n are zero.
 template <typename T>
@@ -46,7 +68,7 @@ inline AccVec<T> load(const T* p, int64_t n) {
   using A = acc_t<T>;
   constexpr int64_t L = AccVec<T>::size();
   if constexpr (std::is_same_v<T, A>) {
-    return n == L ? AccVec<T>::loadu(p) : AccVec<T>::loadu(p, n);
+    return n == L ? AccVec<T>::loadu(p) : load_partial(p, n);
   } else {
     if (n == L) {
       Vectorized<float> v;
@@ -108,9 +130,20 @@ constexpr double kLog2e = 1.44269504088896340736, kLn2 = 0.693147180559945309417
 // unlike -inf, subtracting it from itself is 0, not NaN.
 constexpr double kPadScore = -1e30;
 
+// 2^f for |f| <= 1/2: the degree-6 minimax polynomial, in fp32 Horner steps.
+inline Vectorized<float> exp2_fraction(const Vectorized<float>& f) {
+  using V = Vectorized<float>;
+  V p = at::vec::fmadd(V(1.534581242594868e-4f), f, V(1.3399930903688073e-3f));
+  for (const float c :
+       {9.618489071726799e-3f, 5.550328642129898e-2f, 2.4022646248340607e-1f, 6.931471824645996e-1f, 1.f})
+    p = at::vec::fmadd(p, f, V(c));
+  return p;
+}
+
 // 2^x, for the softmax terms whose count dominates a pass. On AVX512 fp32 it is round, a degree-6
 // polynomial of the fraction (a minimax fit: within 0.94 ulp with fp32 Horner steps) and
-// vscalefps: 9 instructions where exp_u20 takes ~19 (its clamps and integer exponent assembly).
+// vscalefps: 9 instructions where exp_u20 takes ~19 (its clamps and integer exponent assembly);
+// on AVX2 fp32 the same polynomial times 2^n assembled in the exponent field (14).
 // Very negative x (kPadScore, -inf) gives 0, +inf gives inf and NaN stays
 // NaN on every instruction set (at::vec's exp_u20 turns NaN into inf, so a NaN logit would
 // become a gate of 0 or 1: the NaN is put back).
@@ -119,14 +152,18 @@ inline Vectorized<A> exp2(const Vectorized<A>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<A, float>) {
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.534581242594868e-4f), f, _mm512_set1_ps(1.3399930903688073e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618489071726799e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550328642129898e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022646248340607e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471824645996e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_scalef_ps(exp2_fraction(_mm512_sub_ps(x, n)), n);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  // AVX2 has no vscalefps: 2^n is built in the exponent field from n clamped to [-127, 128]: -127
+  // gives the field 0 (x < -126.5 flushes to 0, kPadScore and -inf included), 128 gives inf (+inf
+  // stays inf). max/min return the bound for NaN: put back below.
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-127.f)), _mm256_set1_ps(128.f));
+    const __m256 n = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const Vectorized<A> r(_mm256_mul_ps(exp2_fraction(_mm256_sub_ps(c, n)), _mm256_castsi256_ps(e)));
+    return Vectorized<A>::blendv(r, x, x.isnan());
   }
 #endif
   const Vectorized<A> e = (x * Vectorized<A>(A(kLn2))).exp_u20();

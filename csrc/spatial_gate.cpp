@@ -38,8 +38,8 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
   const V ones = V(0) == V(0), tail = V::set(V(0), ones, L - (Lv - Lanes));
   auto keep = [&](int64_t l) { return l + Lanes <= L ? ones : tail; };
   for (int64_t c = 0; c < G; ++c)
-    for_lanes<A>(
-        L, [&](int64_t l, int64_t n) { V::loadu(sums + c * L + l, n).store(padded.data() + c * Lp + pad + l, n); });
+    for_lanes<A>(L,
+                 [&](int64_t l, int64_t n) { store(padded.data() + c * Lp + pad + l, load(sums + c * L + l, n), n); });
   // The conv is linear: convolve the sums, scale to means once.
   const V inv_count(A(1) / A(br.count));
   V total(0);
@@ -75,7 +75,7 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
     A* a = out + c * L;
     auto logits = [&](int64_t l) { return at::vec::fmadd(V::loadu(zc + l) - V(mu), scale, shift); };
     if (!softmax) {
-      for_lanes<A>(L, [&](int64_t l, int64_t n) { (V(1) / (V(1) + exp2(logits(l)))).store(a + l, n); });
+      for_lanes<A>(L, [&](int64_t l, int64_t n) { store(a + l, V(1) / (V(1) + exp2(logits(l))), n); });
       continue;
     }
     V mx(static_cast<A>(kPadScore)), den(0);  // softmax over the length
@@ -84,7 +84,7 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
     auto term = [&](int64_t l) { return exp2((logits(l) - row_max) * log2e); };
     for (int64_t l = 0; l < L; l += Lanes) den += term(l) & keep(l);
     const V inv(A(1) / reduce_sum(den));
-    for_lanes<A>(L, [&](int64_t l, int64_t n) { (term(l) * inv).store(a + l, n); });
+    for_lanes<A>(L, [&](int64_t l, int64_t n) { store(a + l, term(l) * inv, n); });
   }
 }
 

@@ -4,11 +4,12 @@ import json
 
 import pytest
 
+import scsa_ops
 from bench import model as bench_model
 from bench import op as bench_op
 
-MACHINE = {"device", "device_type", "cpu", "cpu_capability", "cpu_count", "threads", "torch", "triton", "cuda",
-           "python", "timestamp"}
+MACHINE = {"device", "device_type", "cpu", "cpu_capability", "kernels_isa", "cpu_count", "threads", "torch", "triton",
+           "cuda", "python", "timestamp"}
 OP_ROW = {"preset", "count", "shape", "dtype", "mode", "memory_format", "fused_backend", "eager_ms", "compile_ms",
           "fused_ms", "copy_ms", "speedup_vs_eager", "speedup_vs_compile", "x_bytes", "fused_modelled_bytes",
           "copy_gbps", "fused_gbps", "fused_fraction_of_copy_bw", "launches"}
@@ -22,6 +23,7 @@ def _read(path):
     png = path.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert set(payload["machine"]) == MACHINE and payload["machine"]["threads"] >= 1
+    assert payload["machine"]["kernels_isa"] == scsa_ops.cpu_capability()
     return payload
 
 
