@@ -20,7 +20,7 @@ class LaunchRecorder:
     be collected without a GPU or the interpreter's cost."""
 
     def __init__(self, monkeypatch=None, execute=True):
-        self.launches, self.active = [], 0
+        self.launches, self.grids, self.active, self._restore = [], [], 0, []
         for name, kernel in all_kernels().items():
             self._wrap(monkeypatch, name, kernel, execute)
 
@@ -29,6 +29,7 @@ class LaunchRecorder:
 
         def run(*args, grid, warmup, **kwargs):
             self.launches.append((name, args, kwargs))
+            self.grids.append(grid)
             if not execute:
                 return None
             self.active += 1
@@ -41,6 +42,13 @@ class LaunchRecorder:
             monkeypatch.setattr(kernel, "run", run)
         else:
             kernel.run = run
+            self._restore.append((kernel, real))
+
+    def restore(self):
+        """Put the kernels' own `run` back (a recorder made without monkeypatch)."""
+        for kernel, real in self._restore:
+            kernel.run = real
+        self._restore.clear()
 
     def names(self):
         return [n for n, _, _ in self.launches]

@@ -129,7 +129,9 @@ def channel_attention(y, norm, qkv_weights, qkv_biases, head_num, eps):
     B, C = y.shape[:2]
     N = y.shape[2] * y.shape[3]
     D = C // head_num
-    # tl.dot needs >= 16 per side; 32 keeps three fp32 32x32 tiles (q, k, scores) in registers.
+    # tl.dot needs >= 16 per side; 32 keeps three fp32 32x32 tiles (q, k, scores) in registers, with
+    # 8 warps: at 4, the variant a 7x7 map under a 7x7 window compiles (N = 1, a constant in the
+    # JIT's specialisation) spilled on sm_90.
     side = 32 if y.dtype == torch.float32 else 16
     bi = min(side, max(16, pow2(D)))
     bn = 16 if N <= 16 else side  # = min(side, max(16, pow2(N))), one comparison for compile guards
@@ -139,7 +141,7 @@ def channel_attention(y, norm, qkv_weights, qkv_biases, head_num, eps):
     launch(_channel_attention_fwd_kernel, (B, head_num, triton.cdiv(D, bi)),
         y, o, *norm, *qkv_weights, *biases, C, N, D, eps,
         HAS_BIAS=has_bias, BLOCK_I=bi, BLOCK_J=bi, BLOCK_N=bn, BLOCK_S=STATS_BLOCK,
-        ACC=tl_dtype(y.dtype), num_warps=4)
+        ACC=tl_dtype(y.dtype), num_warps=8 if side == 32 else 4)
     return o
 
 

@@ -1,0 +1,167 @@
+"""A dry run of the fused GPU path with no GPU: the real launchers run the forward and backward on
+CPU tensors with the kernels' bodies skipped (bench.kernels.LaunchRecorder), every launch is bound
+by Triton's own JIT binder (so the compiled variant carries exactly the specialisation a launch on
+a GPU would: divisibility-by-16 hints, integers equal to 1 as constants), compiled for sm_90, and
+reported: registers and spills (ptxas -v), the narrowest global load and store in the PTX, the
+bytes its tensor arguments hold, and a roofline time.
+
+    python -m bench.gpu_model --preset resnet50 --dtype fp16 --batch 32 [--memory-format nchw] [--json PATH]
+
+The model (an H100 SXM: 3.35 TB/s HBM3): a launch moves every tensor argument once, whole (read
+or written), and takes max(bytes / 3.35 TB/s, 2 us), 2 us being a launch's fixed cost on the
+device; a pass is the sum of its launches. The copy floor of a pass is what `x.clone()` moves: X
+read and written once (the forward's output, the backward's dX are X-sized). The model ignores
+latency and occupancy, so it is a lower bound: how far a pass is from it is what the kernels'
+memory traffic alone costs. Run without TRITON_INTERPRET (the interpreter's kernels are not
+JIT functions).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without the interpreter"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+from bench.kernels import LaunchRecorder, all_kernels  # noqa: E402
+from bench.op import DTYPES, MEMORY_FORMATS, PRESETS, preset_shapes  # noqa: E402
+from scsa_ops import SCSA  # noqa: E402
+from scsa_ops.backends import triton_provider  # noqa: E402
+from scsa_ops.function import fused_scsa  # noqa: E402
+
+TARGET = dict(name="H100 SXM (model)", arch=90, hbm_tb_s=3.35, launch_us=2.0)
+
+
+def record(module, x):
+    """[(pass, kernel name, args, kwargs, grid)] of one fused forward and backward of `module`."""
+    rec = LaunchRecorder(execute=False)
+    try:
+        x = x.detach().requires_grad_()
+        out = fused_scsa(x, module.state_dict_params(), module.config, triton_provider()[0])
+        n_forward = len(rec.launches)
+        out.backward(torch.ones_like(out))
+    finally:
+        rec.restore()
+    return [("forward" if i < n_forward else "backward", name, args, kwargs, grid)
+            for i, ((name, args, kwargs), grid) in enumerate(zip(rec.launches, rec.grids))]
+
+
+def bind(kernel, args, kwargs, arch):
+    """(bound arguments, the ASTSource a launch compiles, its options), by the JIT's own binder and
+    argument packing (triton/runtime/jit.py JITFunction.run) for target sm_<arch>."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return bound, ASTSource(kernel, signature, constexprs, attrs), options
+
+
+def ptxas_report(ptx, arch):
+    """(registers, spill bytes) from ptxas -v, with the flags Triton's own ptxas call uses."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", "-lineinfo",
+                              f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", src, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = max(int(r) for r in re.findall(r"Used (\d+) registers", log))
+    return regs, sum(int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+
+
+_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+
+
+def access_widths(ptx):
+    """(narrowest global load, narrowest global store) in bits: vector lanes x element width."""
+    widths = {"ld": [], "st": []}
+    for op, vec, bits in _ACCESS.findall(ptx):
+        widths[op].append(int(vec or 1) * int(bits))
+    return min(widths["ld"], default=None), min(widths["st"], default=None)
+
+
+def tensor_bytes(bound):
+    return sum(v.numel() * v.element_size() for v in bound.values() if isinstance(v, torch.Tensor))
+
+
+def model_launch(name, args, kwargs, grid, kernels, arch, cache):
+    kernel = kernels[name]
+    bound, src, options = bind(kernel, args, kwargs, arch)
+    key = (name, src.hash(), str(options))
+    if key not in cache:
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+        ptx = compiled.asm["ptx"]
+        cache[key] = (*ptxas_report(ptx, arch), *access_widths(ptx))
+    regs, spills, load_bits, store_bits = cache[key]
+    grid = grid(bound) if callable(grid) else grid
+    moved = tensor_bytes(bound)
+    model_us = max(moved / (TARGET["hbm_tb_s"] * 1e6), TARGET["launch_us"])
+    return dict(kernel=name, grid=list(grid), num_warps=options.num_warps, registers=regs, spills=spills,
+                min_global_load_bits=load_bits, min_global_store_bits=store_bits, bytes=moved,
+                model_us=round(model_us, 3))
+
+
+def cases(shapes, dtype_name, memory_format, arch=TARGET["arch"]):
+    """One result per shape and pass; shapes: [(B, C, H, W)], each an SCSA(C) as bench.op builds it."""
+    kernels, cache, out = all_kernels(), {}, []
+    for shape in shapes:
+        module = SCSA(shape[1]).to(DTYPES[dtype_name])
+        x = torch.randn(shape, dtype=DTYPES[dtype_name]).contiguous(memory_format=MEMORY_FORMATS[memory_format])
+        launches = record(module, x)
+        copy_floor_us = 2 * x.numel() * x.element_size() / (TARGET["hbm_tb_s"] * 1e6)
+        for pass_ in ("forward", "backward"):
+            rows = [model_launch(name, args, kwargs, grid, kernels, arch, cache)
+                    for p, name, args, kwargs, grid in launches if p == pass_]
+            out.append({"shape": list(shape), "dtype": dtype_name, "memory_format": memory_format, "pass": pass_,
+                        "launches": rows, "model_us": round(sum(r["model_us"] for r in rows), 3),
+                        "copy_floor_us": round(copy_floor_us, 3)})
+    return out
+
+
+def table(results):
+    lines = ["| shape | dtype | format | pass | kernel | grid | warps | regs | spills | ld bits | st bits | MB | "
+             "model us |", "|" + " --- |" * 13]
+    for case in results:
+        for r in case["launches"]:
+            lines.append(f"| {tuple(case['shape'])} | {case['dtype']} | {case['memory_format']} | {case['pass']} | "
+                         f"{r['kernel']} | {tuple(r['grid'])} | {r['num_warps']} | {r['registers']} | {r['spills']} | "
+                         f"{r['min_global_load_bits']} | {r['min_global_store_bits']} | {r['bytes'] / 1e6:.2f} | "
+                         f"{r['model_us']:.2f} |")
+        lines.append(f"| {tuple(case['shape'])} | {case['dtype']} | {case['memory_format']} | {case['pass']} | "
+                     f"**total** | | | | | | | | **{case['model_us']:.2f}** (copy floor {case['copy_floor_us']:.2f}, "
+                     f"{case['model_us'] / case['copy_floor_us']:.1f}x) |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["resnet50"])
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--memory-format", choices=["nchw", "channels_last"], default="nchw")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    shapes = [shape for preset in args.preset for shape, _ in preset_shapes(preset, args.batch)]
+    results = cases(shapes, args.dtype, args.memory_format)
+    print(f"Dry run, {TARGET['name']}: sm_{TARGET['arch']}, {TARGET['hbm_tb_s']} TB/s, "
+          f"{TARGET['launch_us']} us a launch; triton {triton.__version__}, torch {torch.__version__}")
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(target=TARGET, cases=results), f, indent=1)
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
