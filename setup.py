@@ -37,12 +37,13 @@ if os.environ.get("SCSA_OPS_NO_EXT", "0") != "1":
     spec.loader.exec_module(build)
 
     class BuildPerISA(BuildExtension):
-        """Each instruction set's objects in a directory of their own: the modules compile the same
-        sources with different flags."""
+        """Each instruction set's objects in a directory of their own (the modules compile the same
+        sources with different flags), always under build/ in the source tree, so that every build
+        of this checkout (the editable install's, `pip wheel .`'s) reuses them through ninja."""
 
         def build_extension(self, ext):
             base = self.build_temp
-            self.build_temp = os.path.join(base, ext.name)
+            self.build_temp = str(ROOT.resolve() / "build" / "objects" / ext.name)
             try:
                 super().build_extension(ext)
             finally:

@@ -69,7 +69,7 @@ def test_dynamic_shapes_do_not_recompile_per_size(fused_on, monkeypatch):
     assert counter.frame_count <= allowed < len(SIZES)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [True])  # the layout rule's hard case; NCHW: test_cpp's opcheck
 def test_triton_opcheck(channels_last):
     provider, why = triton_provider()
     assert provider is not None, why

@@ -55,6 +55,9 @@ def test_low_precision(cfg, shape, dtype, channels_last, fused_on):
     """Output and input gradient keep the input's dtype and memory format; accuracy as
     helpers.assert_matches_reference."""
     backend, dev = fused_on
+    if backend == "triton" and dev == "cpu" and dtype == torch.float16:
+        pytest.skip("in the Triton interpreter fp16 runs bf16's code (16-bit loads, fp32 math); bf16 runs here, "
+                    "both run on a GPU")
     out, dx = assert_matches_reference(cfg, shape, dtype, backend, dev, channels_last)
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert dx.is_contiguous(memory_format=torch.channels_last) == channels_last
