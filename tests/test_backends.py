@@ -65,8 +65,8 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_cpp_unavailable_is_a_clear_error(monkeypatch):
     from scsa_ops.ops import cpp
 
-    monkeypatch.setattr(cpp, "_state", (None, "scsa_ops._C does not import (test)"))
-    with pytest.raises(RuntimeError, match=r"backend='cpp' is unavailable: scsa_ops._C does not import \(test\)"):
+    monkeypatch.setattr(cpp, "_state", (None, "scsa_ops._C_avx2 does not import (test)"))
+    with pytest.raises(RuntimeError, match=r"backend='cpp' is unavailable: scsa_ops._C_avx2 does not import \(test\)"):
         SCSA(16, backend="cpp")(torch.randn(1, 16, 14, 14))
 
 
@@ -80,7 +80,7 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
     from scsa_ops.ops import cpp
 
     monkeypatch.setattr(backends, "_triton", (None, "Triton is not importable (test)"))
-    monkeypatch.setattr(cpp, "_state", (None, "scsa_ops._C does not import (test)"))
+    monkeypatch.setattr(cpp, "_state", (None, "scsa_ops._C_avx2 does not import (test)"))
     monkeypatch.setattr(backends, "_warned", set())
     calls = _spy(monkeypatch)
     m = SCSA(16).to(DEVICE)
