@@ -151,7 +151,10 @@ def _traceable_forward(ns):
 
 
 def fused_scsa(x, params, cfg: Config, provider):
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+    # A deployment graph (TorchScript, torch.export) is inference and records the op itself.
+    deploying = torch.jit.is_tracing() or torch.compiler.is_exporting()
+    if not deploying and torch.is_grad_enabled() and (
+            x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return SCSAFunction.apply(x, provider, cfg, *params)
     # Inference: nothing to save, so skip the autograd.Function machinery (tens of microseconds).
     return forward_op(x, params, cfg, provider)

@@ -6,7 +6,7 @@ from typing import Mapping, Optional
 import torch
 
 from . import backends
-from .function import Config, eager_math, forward_op, fused_scsa
+from .function import Config, eager_math, fused_scsa
 from .reference import check_config, check_input, window_of
 from .schema import CONV_WEIGHTS, OPTIONAL, PARAM_NAMES, QKV_BIASES, QKV_WEIGHTS, indices, shape
 
@@ -51,8 +51,6 @@ def run(x, params, cfg: Config, backend):
     check_params(params, x)
     if any(t is None for t in params):  # not `None in params`: that compares tensors (200 us)
         params = _fill_missing(params, x.shape[1])
-    if torch.jit.is_tracing() or torch.compiler.is_exporting():  # a deployment graph: inference
-        return forward_op(x, params, cfg, provider)
     return fused_scsa(x, params, cfg, provider)
 
 
