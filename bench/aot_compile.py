@@ -6,9 +6,9 @@ JSON line per compiled variant.
 
     python -m bench.aot_compile [sm ...] [--shard I/N]   # default: 80 90; --shard: every Nth variant from I
 """
+import argparse
 import json
 import os
-import sys
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without the interpreter"
 
@@ -58,10 +58,8 @@ def main(archs, shard=(0, 1)):
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    shard = (0, 1)
-    if "--shard" in args:
-        at = args.index("--shard")
-        shard = tuple(int(v) for v in args[at + 1].split("/"))
-        del args[at:at + 2]
-    main([int(a) for a in args] or [80, 90], shard)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sm", nargs="*", type=int, default=[80, 90], help="targets (default: 80 90)")
+    ap.add_argument("--shard", default="0/1", help="I/N: every Nth variant from the Ith")
+    args = ap.parse_args()
+    main(args.sm, tuple(int(v) for v in args.shard.split("/")))
