@@ -2,10 +2,14 @@
 CPU tensors with the kernels' bodies skipped (bench.kernels.LaunchRecorder), every launch is bound
 by Triton's own JIT binder (so the compiled variant carries exactly the specialisation a launch on
 a GPU would: divisibility-by-16 hints, integers equal to 1 as constants), compiled for sm_90, and
-reported: registers and spills (ptxas -v), the narrowest global load and store in the PTX, the
-bytes its tensor arguments hold, and a roofline time.
+reported: registers and spills (ptxas -v), the narrowest global load and store in the PTX, and
+among them those of the full-size tensors (X, g, out, dX: the accesses whose address derives
+from those arguments, traced through the PTX), the bytes its tensor arguments hold, and a
+roofline time.
 
     python -m bench.gpu_model --preset resnet50 --dtype fp16 --batch 32 [--memory-format nchw] [--json PATH]
+    python -m bench.gpu_model --shape 1,16,14,56 [--preset ...]   # more shapes, each an SCSA(C)
+    python -m bench.gpu_model --host [--preset ...]   # the host (Python) time of a call instead
 
 The model (an H100 SXM: 3.35 TB/s HBM3): a launch moves every tensor argument once, whole (read
 or written), and takes max(bytes / 3.35 TB/s, 2 us), 2 us being a launch's fixed cost on the
@@ -33,9 +37,10 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from bench.common import cpu_name  # noqa: E402
 from bench.kernels import LaunchRecorder, all_kernels  # noqa: E402
 from bench.op import DTYPES, MEMORY_FORMATS, PRESETS, preset_shapes  # noqa: E402
-from scsa_ops import SCSA  # noqa: E402
+from scsa_ops import SCSA, backends  # noqa: E402
 from scsa_ops.backends import triton_provider  # noqa: E402
 from scsa_ops.function import fused_scsa  # noqa: E402
 
@@ -80,6 +85,9 @@ def ptxas_report(ptx, arch):
 
 
 _ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+_INSTRUCTION = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w.:]*)\s+([^;]*);")
+_REGISTER = re.compile(r"%[a-z]+\d+")
+_PARAM = re.compile(r"_param_(\d+)\]")
 
 
 def access_widths(ptx):
@@ -90,24 +98,72 @@ def access_widths(ptx):
     return min(widths["ld"], default=None), min(widths["st"], default=None)
 
 
+def accesses_by_param(ptx):
+    """[(ld|st, bits, {kernel parameter indices})]: every global access with the parameters its
+    address derives from, traced back through the instructions that define each register."""
+    defs, params, accesses = {}, {}, []
+    for line in ptx.splitlines():
+        found = _INSTRUCTION.match(line)
+        if not found:
+            continue
+        op, operands = found.groups()
+        access = _ACCESS.match(op + " ")
+        if op.startswith("ld.param"):
+            params.setdefault(_REGISTER.findall(operands)[0], set()).add(int(_PARAM.search(operands).group(1)))
+        elif access:
+            kind, vec, bits = access.groups()
+            address = _REGISTER.findall(operands[operands.index("["):])[0]
+            accesses.append((kind, int(vec or 1) * int(bits), address))
+        elif operands.startswith("{"):
+            dst, src = operands.split("}", 1)
+            for reg in _REGISTER.findall(dst):
+                defs.setdefault(reg, set()).update(_REGISTER.findall(src))
+        elif (regs := _REGISTER.findall(operands)):
+            defs.setdefault(regs[0], set()).update(regs[1:])
+    out = []
+    for kind, bits, address in accesses:
+        reached, seen, stack = set(), set(), [address]
+        while stack:
+            reg = stack.pop()
+            if reg not in seen:
+                seen.add(reg)
+                reached |= params.get(reg, set())
+                stack.extend(defs.get(reg, ()))
+        out.append((kind, bits, reached))
+    return out
+
+
+def full_size_widths(ptx, src, bound, numel):
+    """(narrowest load, narrowest store) in bits among the accesses to the launch's full-size
+    tensors (numel elements: X, g, out, dX), or None where the launch has none."""
+    names = [name for name, ty in src.signature.items() if ty != "constexpr"]
+    full = {i for i, name in enumerate(names) if isinstance(bound[name], torch.Tensor) and bound[name].numel() == numel}
+    widths = {"ld": [], "st": []}
+    for kind, bits, reached in accesses_by_param(ptx):
+        if reached & full:
+            widths[kind].append(bits)
+    return min(widths["ld"], default=None), min(widths["st"], default=None)
+
+
 def tensor_bytes(bound):
     return sum(v.numel() * v.element_size() for v in bound.values() if isinstance(v, torch.Tensor))
 
 
-def model_launch(name, args, kwargs, grid, kernels, arch, cache):
+def model_launch(name, args, kwargs, grid, kernels, arch, cache, numel):
     kernel = kernels[name]
     bound, src, options = bind(kernel, args, kwargs, arch)
     key = (name, src.hash(), str(options))
     if key not in cache:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
         ptx = compiled.asm["ptx"]
-        cache[key] = (*ptxas_report(ptx, arch), *access_widths(ptx))
-    regs, spills, load_bits, store_bits = cache[key]
+        cache[key] = (*ptxas_report(ptx, arch), *access_widths(ptx), *full_size_widths(ptx, src, bound, numel))
+    regs, spills, load_bits, store_bits, x_load_bits, x_store_bits = cache[key]
     grid = grid(bound) if callable(grid) else grid
     moved = tensor_bytes(bound)
     model_us = max(moved / (TARGET["hbm_tb_s"] * 1e6), TARGET["launch_us"])
     return dict(kernel=name, grid=list(grid), num_warps=options.num_warps, registers=regs, spills=spills,
-                min_global_load_bits=load_bits, min_global_store_bits=store_bits, bytes=moved,
+                min_global_load_bits=load_bits, min_global_store_bits=store_bits,
+                full_size_load_bits=x_load_bits, full_size_store_bits=x_store_bits, bytes=moved,
                 model_us=round(model_us, 3))
 
 
@@ -120,7 +176,7 @@ def cases(shapes, dtype_name, memory_format, arch=TARGET["arch"]):
         launches = record(module, x)
         copy_floor_us = 2 * x.numel() * x.element_size() / (TARGET["hbm_tb_s"] * 1e6)
         for pass_ in ("forward", "backward"):
-            rows = [model_launch(name, args, kwargs, grid, kernels, arch, cache)
+            rows = [model_launch(name, args, kwargs, grid, kernels, arch, cache, x.numel())
                     for p, name, args, kwargs, grid in launches if p == pass_]
             out.append({"shape": list(shape), "dtype": dtype_name, "memory_format": memory_format, "pass": pass_,
                         "launches": rows, "model_us": round(sum(r["model_us"] for r in rows), 3),
@@ -129,29 +185,92 @@ def cases(shapes, dtype_name, memory_format, arch=TARGET["arch"]):
 
 
 def table(results):
-    lines = ["| shape | dtype | format | pass | kernel | grid | warps | regs | spills | ld bits | st bits | MB | "
-             "model us |", "|" + " --- |" * 13]
+    lines = ["| shape | dtype | format | pass | kernel | grid | warps | regs | spills | ld bits | st bits | "
+             "X ld/st bits | MB | model us |", "|" + " --- |" * 14]
     for case in results:
+        head = f"| {tuple(case['shape'])} | {case['dtype']} | {case['memory_format']} | {case['pass']} |"
         for r in case["launches"]:
-            lines.append(f"| {tuple(case['shape'])} | {case['dtype']} | {case['memory_format']} | {case['pass']} | "
-                         f"{r['kernel']} | {tuple(r['grid'])} | {r['num_warps']} | {r['registers']} | {r['spills']} | "
-                         f"{r['min_global_load_bits']} | {r['min_global_store_bits']} | {r['bytes'] / 1e6:.2f} | "
-                         f"{r['model_us']:.2f} |")
-        lines.append(f"| {tuple(case['shape'])} | {case['dtype']} | {case['memory_format']} | {case['pass']} | "
-                     f"**total** | | | | | | | | **{case['model_us']:.2f}** (copy floor {case['copy_floor_us']:.2f}, "
-                     f"{case['model_us'] / case['copy_floor_us']:.1f}x) |")
+            full = "/".join("-" if b is None else str(b) for b in (r["full_size_load_bits"], r["full_size_store_bits"]))
+            lines.append(f"{head} {r['kernel']} | {tuple(r['grid'])} | {r['num_warps']} | {r['registers']} | "
+                         f"{r['spills']} | {r['min_global_load_bits']} | {r['min_global_store_bits']} | {full} | "
+                         f"{r['bytes'] / 1e6:.2f} | {r['model_us']:.2f} |")
+        lines.append(f"{head} **total** | | | | | | | | | **{case['model_us']:.2f}** (copy floor "
+                     f"{case['copy_floor_us']:.2f}, {case['model_us'] / case['copy_floor_us']:.1f}x) |")
     return "\n".join(lines)
+
+
+def host_us(shapes, dtype_name, memory_format, calls=300, repeats=5):
+    """[{shape, forward_us, train_us}]: host time per call of scsa_ops.SCSA(C, backend='triton')
+    as a GPU run makes it (the module's checks, dispatch, launchers, allocations), every kernel
+    launch stubbed before Triton's own launch path (kernel.run: bench.kernels.LaunchRecorder), on
+    CPU tensors. forward: an inference call; train: forward + backward. Min over `repeats`."""
+    import time
+
+    provider = triton_provider()[0]
+    resolve_name = backends._resolve_name
+    backends.LOADED[provider.ns] = provider
+    backends._resolve_name = lambda backend, device, fusable: provider.ns  # as on a CUDA device
+    rec = LaunchRecorder(execute=False)
+    out = []
+    try:
+        for shape in shapes:
+            module = SCSA(shape[1], backend="triton").to(DTYPES[dtype_name])
+            x = torch.randn(shape, dtype=DTYPES[dtype_name]).contiguous(memory_format=MEMORY_FORMATS[memory_format])
+            xg = x.detach().requires_grad_()
+            g = torch.ones_like(x)
+            wrt = [xg, *module.parameters()]
+
+            def forward(module=module, x=x):
+                with torch.no_grad():
+                    module(x)
+
+            def train(module=module, xg=xg, wrt=wrt, g=g):  # autograd.grad: no .grad accumulation (CPU work)
+                torch.autograd.grad(module(xg), wrt, g)
+
+            row = {"shape": list(shape)}
+            for key, fn in (("forward_us", forward), ("train_us", train)):
+                fn()
+                best = float("inf")
+                for _ in range(repeats):
+                    rec.launches.clear()
+                    rec.grids.clear()
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+                row[key] = round(best, 1)
+                row["launches_" + key[:-3]] = len(rec.launches) // calls
+            out.append(row)
+    finally:
+        rec.restore()
+        backends._resolve_name = resolve_name
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["resnet50"])
+    ap.add_argument("--preset", nargs="*", choices=sorted(PRESETS), default=["resnet50"])
+    ap.add_argument("--shape", action="append", default=[], type=lambda s: tuple(int(v) for v in s.split(",")),
+                    help="B,C,H,W: a shape to add to the presets' (repeatable)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--memory-format", choices=["nchw", "channels_last"], default="nchw")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--host", action="store_true", help="measure the host time of a call instead (no compiling)")
     args = ap.parse_args(argv)
-    shapes = [shape for preset in args.preset for shape, _ in preset_shapes(preset, args.batch)]
+    shapes = [shape for preset in args.preset for shape, _ in preset_shapes(preset, args.batch)] + args.shape
+    if args.host:
+        rows = host_us(shapes, args.dtype, args.memory_format)
+        print(f"Host time per call, launches stubbed: {cpu_name()}, torch {torch.__version__}, "
+              f"triton {triton.__version__}, {args.dtype}, {args.memory_format}")
+        print("| shape | forward us (launches) | forward + backward us (launches) |\n| --- | --- | --- |")
+        for r in rows:
+            print(f"| {tuple(r['shape'])} | {r['forward_us']} ({r['launches_forward']}) | {r['train_us']} "
+                  f"({r['launches_train']}) |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(cpu=cpu_name(), host=rows), f, indent=1)
+        return rows
     results = cases(shapes, args.dtype, args.memory_format)
     print(f"Dry run, {TARGET['name']}: sm_{TARGET['arch']}, {TARGET['hbm_tb_s']} TB/s, "
           f"{TARGET['launch_us']} us a launch; triton {triton.__version__}, torch {torch.__version__}")

@@ -1,5 +1,6 @@
 """Every kernel variant that realistic shapes launch compiles for sm_90 (the H100/H200 the model
-targets) with no GPU, and the fp32/fp16/bf16 variants spill no registers. `python -m
+targets) with no GPU, and the fp32/fp16/bf16 variants use at most 128 registers (every launch's
+.maxnreg, scsa_ops/ops/triton/utils.py) and spill none. `python -m
 bench.aot_compile` also compiles sm_80; the test keeps to one target, in two shards (one per core),
 to fit CI's time. fp64 exists for verification (gradcheck); its
 libdevice calls (div, sqrt, exp) may use a small stack frame, so it is held to compiling only."""
@@ -31,5 +32,5 @@ def test_compiles_for_gpu_targets_without_spills():
                        "_channel_attention_fwd_kernel", "_apply_gates_kernel", "_gate_grads_bwd_kernel",
                        "_channel_attention_bwd_kernel", "_spatial_gate_bwd_kernel", "_param_grads_kernel"}
     assert {r["sm"] for r in rows} == {90}
-    spilling = [r for r in rows if r["spill_bytes"] and "*fp64" not in r["ptr_types"]]
+    spilling = [r for r in rows if (r["spill_bytes"] or r["regs"] > 128) and "*fp64" not in r["ptr_types"]]
     assert spilling == [], spilling

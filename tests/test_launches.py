@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.kernels import LaunchRecorder
-from helpers import DEVICE, FUSED, HAS_CUDA, pair
+from helpers import DEVICE, FUSED, HAS_CUDA, pair, rel_err
 from scsa_ops.ops.triton import utils
 from scsa_ops.ops.triton.apply_gates import input_grad
 from scsa_ops.ops.triton.backward import backward
@@ -126,3 +126,46 @@ def test_float_arguments_are_typed_fp64(monkeypatch):
                 typed = KernelParam(i, param, False, False).annotation_type or mangle_type(value)
                 floats.append((name, param.name, typed))
     assert floats and all(typed == "fp64" for *_, typed in floats), floats
+
+
+def test_vector_width_claims_only_what_holds():
+    """utils.vector_width is the one place the kernels learn an alignment the JIT cannot see (their
+    `aligned` hints turn it into a promise to the compiler): the widest power of two, up to 16
+    bytes, dividing the row lengths and every stride but the unit one; 1 without a unit W stride."""
+    def width(widths, *tensors):
+        return utils.vector_width(widths, tensors[0].element_size(), *(t.stride() for t in tensors))
+
+    x16 = torch.empty(2, 16, 14, 56, dtype=torch.float16)
+    assert width((56,), x16) == 8  # 128-bit accesses
+    assert width((56,), x16.float()) == 4
+    assert width((56,), x16.double()) == 2
+    assert width((28,), torch.empty(2, 16, 14, 28, dtype=torch.float16)) == 4
+    assert width((7,), torch.empty(2, 16, 7, 7, dtype=torch.float16)) == 1
+    assert width((56, 49), x16) == 1  # a second row length that is odd
+    assert width((56,), x16, x16.contiguous(memory_format=torch.channels_last)) == 1
+    assert width((56,), torch.empty(2, 16, 14, 57, dtype=torch.float16)[..., :56]) == 1  # row stride 57
+    assert width((56,), torch.empty(2, 16, 14, 60, dtype=torch.float16)[..., :56]) == 4
+    assert width((56,), x16[:, 1:]) == 8  # an offset view: its pointer alignment is the JIT's to judge
+    assert width((56,), torch.ones(1).expand(2, 16, 14, 56)) == 1  # stride 0 along W: not contiguous
+
+
+@pytest.mark.parametrize("row_stride", [16, 17, 18, 20, 24], ids=lambda s: f"row_stride={s}")
+def test_rows_of_any_alignment(row_stride):
+    """An fp32 W = 16 map read in place through rows of `row_stride` elements (a slice of a wider
+    tensor, at a channel offset): the alignment the launchers claim (vector_width: 4, 2 or 1
+    elements here) must hold, or the interpreter, which runs the hints' arithmetic too, reads other
+    rows. Forward and input gradient against the fp64 reference."""
+    ref, fused = pair(dict(dim=8, window_size=4))
+    fused.float()
+    base = torch.randn(2, 9, 12, row_stride, dtype=torch.float64, device=DEVICE)
+    go = torch.randn(2, 8, 12, 16, dtype=torch.float64, device=DEVICE)
+    xr = base[:, 1:, :, :16].contiguous().requires_grad_()
+    ref(xr).backward(go)
+    leaf = base.float().requires_grad_()
+    x = leaf[:, 1:, :, :16]
+    assert x.stride() == (9 * 12 * row_stride, 12 * row_stride, row_stride, 1)
+    out = fused(x)
+    out.backward(go.float())
+    with torch.no_grad():
+        assert rel_err(out.double(), ref(xr)) < 1e-5
+    assert rel_err(leaf.grad[:, 1:, :, :16].double(), xr.grad) < 1e-5

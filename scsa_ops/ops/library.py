@@ -3,7 +3,9 @@
 (csrc/ only implements the ops), the Triton ops (torch.library.triton_op), and `Provider`, the
 calls SCSAFunction makes into one namespace of them. The fakes mirror the kernels' output rules:
 csrc/scsa.h `dense` for the layout of full-size outputs, the accumulator dtype for the small ones."""
+
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 from .. import schema
 
@@ -73,25 +75,39 @@ class Provider:
     """What SCSAFunction (scsa_ops/function.py) calls: the ops of one namespace, and `fits(w,
     window_w)`, whether that provider takes rows of width w."""
 
-    def __init__(self, ns, fits):
+    def __init__(self, ns, fits, launchers=None):
+        """launchers: the Python functions the ops run, (forward, backward), where they are Python
+        (the Triton ops). In eager mode they are called directly, with wrap_triton switched off as
+        torch.library.triton_op's own eager path does: the op's dispatch (autograd key, redispatch,
+        dynamo's disable wrapper) costs ~60 us of host time a call and adds nothing there, and
+        wrap_triton's graph path ~200 us a launch. torch.compile, torch.export and TorchScript
+        tracing call the ops, which they record."""
         ops = getattr(torch.ops, ns)
         # The overloads themselves: a torch.ops packet resolves its overload on every call.
         self.ns, self.fits = ns, fits
-        self._forward, self._backward = ops.forward.default, ops.backward.default
+        self._ops = ops.forward.default, ops.backward.default
+        self._launchers = launchers
 
     def __repr__(self):
         return f"Provider({self.ns!r})"
 
+    def _call(self, which, *args):
+        capturing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+        if self._launchers is None or capturing:
+            return self._ops[which](*args)
+        with set_wrap_triton_enabled(False):
+            return self._launchers[which](*args)
+
     def forward(self, x, p, cfg, window, eps):
         """(out, p_h, p_w, a_h, a_w, Y, o); p: schema.Params."""
-        out, ph, pw, ah, aw, y, o = self._forward(x, *p.op_args(), cfg.head_num, *window, cfg.gate == "softmax", eps)
+        out, ph, pw, ah, aw, y, o = self._call(0, x, *p.op_args(), cfg.head_num, *window, cfg.gate == "softmax", eps)
         return out, ph, pw, ah, aw, y, o
 
     def backward(self, g, x, p, saved, cfg, window, eps, input_grad):
         """(dX or None, the parameters' gradients in schema.OP_ORDER, each in its parameter's shape and
         dtype); saved: the forward's (p_h, p_w, a_h, a_w, Y, o)."""
         args = p.op_args()
-        dx, flat = self._backward(g, x, *args, *saved, cfg.head_num, *window, cfg.gate == "softmax", eps, input_grad)
+        dx, flat = self._call(1, g, x, *args, *saved, cfg.head_num, *window, cfg.gate == "softmax", eps, input_grad)
         params = [*args[0], *args[1], *[t for t in args[2:] if t is not None]]
         grads = [piece.view(t.shape).to(t.dtype) for piece, t in zip(flat.split([t.numel() for t in params]), params)]
         return (dx if input_grad else None), grads

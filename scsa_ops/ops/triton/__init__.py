@@ -10,6 +10,6 @@ from .gate_grads import gate_grads
 from .utils import INTERPRET, fits
 
 register_triton_ops(INTERPRET, forward, backward, gate_grads, input_grad)
-provider = Provider("scsa_triton", fits)
+provider = Provider("scsa_triton", fits, (forward, backward))
 
 __all__ = ["provider"]

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .apply_gates import _channel_gate
-from .utils import alloc, as_acc, launch, lt_block, pow2, tl_dtype
+from .utils import alloc, as_acc, cdiv, launch, lt_block, pow2, tl_dtype
 
 # Elements of Y per step of the GroupNorm(1) statistics sweep (the whole sample, C * N values).
 STATS_BLOCK = 1024
@@ -131,17 +131,18 @@ def channel_attention(y, norm, qkv_weights, qkv_biases, head_num, eps):
     D = C // head_num
     # tl.dot needs >= 16 per side; 32 keeps three fp32 32x32 tiles (q, k, scores) in registers, with
     # 8 warps: at 4, the variant a 7x7 map under a 7x7 window compiles (N = 1, a constant in the
-    # JIT's specialisation) spilled on sm_90.
+    # JIT's specialisation) spilled on sm_90. num_stages=1: Y is small and cached, and the software
+    # pipeline's extra buffers of the N loop took a detection map (N = 1316) to 144 registers.
     side = 32 if y.dtype == torch.float32 else 16
     bi = min(side, max(16, pow2(D)))
     bn = 16 if N <= 16 else side  # = min(side, max(16, pow2(N))), one comparison for compile guards
     o = alloc((B, C), y.dtype, y.device)
     has_bias = qkv_biases[0] is not None
     biases = qkv_biases if has_bias else qkv_weights  # placeholders, never read
-    launch(_channel_attention_fwd_kernel, (B, head_num, triton.cdiv(D, bi)),
+    launch(_channel_attention_fwd_kernel, (B, head_num, cdiv(D, bi)),
         y, o, *norm, *qkv_weights, *biases, C, N, D, eps,
         HAS_BIAS=has_bias, BLOCK_I=bi, BLOCK_J=bi, BLOCK_N=bn, BLOCK_S=STATS_BLOCK,
-        ACC=tl_dtype(y.dtype), num_warps=8 if side == 32 else 4)
+        ACC=tl_dtype(y.dtype), num_warps=8 if side == 32 else 4, num_stages=1)
     return o
 
 
@@ -329,23 +330,27 @@ def _channel_attention_bwd_kernel(
                 n = n0 + tl.arange(0, BLOCK_N)
                 ca = head * D + a0 + tl.arange(0, BLOCK_I)
                 a_ok = a0 + tl.arange(0, BLOCK_I) < D
+                m = a_ok[:, None] & (n < N)[None, :]
+                off = (b64 * C + ca)[:, None] * N + n[None, :]
+                # dQ of queries ca against keys ce, then dK, dvbar of keys ca against queries ce: two
+                # sweeps, not one, so that only one accumulator tile is live (registers, not work:
+                # each score tile is computed once either way)
                 dq = tl.zeros([BLOCK_I, BLOCK_N], ACC)
+                for e0 in range(0, D, BLOCK_I):
+                    ce = head * D + e0 + tl.arange(0, BLOCK_I)
+                    e_ok = e0 + tl.arange(0, BLOCK_I) < D
+                    dq += _dq_tile(y_b, stats_b, B * C, ca, a_ok, ce, e_ok, n, N, wq, bq, wk, bk, wv, bv, gn_w,
+                                   gn_b, mu, rstd, inv_sqrt_d, HAS_BIAS, BLOCK_I, BLOCK_N, ACC)
+                tl.store(dq_ptr + off, dq, mask=m)
                 dk = tl.zeros([BLOCK_I, BLOCK_N], ACC)
                 dv = tl.zeros([BLOCK_I], ACC)
                 for e0 in range(0, D, BLOCK_I):
                     ce = head * D + e0 + tl.arange(0, BLOCK_I)
                     e_ok = e0 + tl.arange(0, BLOCK_I) < D
-                    # dQ of queries ca against keys ce
-                    dq += _dq_tile(y_b, stats_b, B * C, ca, a_ok, ce, e_ok, n, N, wq, bq, wk, bk, wv, bv, gn_w,
-                                   gn_b, mu, rstd, inv_sqrt_d, HAS_BIAS, BLOCK_I, BLOCK_N, ACC)
-                    # dK, dvbar of keys ca against queries ce
                     dk_t, dv_t = _dk_tile(y_b, stats_b, B * C, ce, e_ok, ca, a_ok, n, N, wq, bq, wk, bk, wv, bv,
                                           gn_w, gn_b, mu, rstd, inv_sqrt_d, HAS_BIAS, BLOCK_I, BLOCK_N, ACC)
                     dk += dk_t
                     dv += dv_t
-                m = a_ok[:, None] & (n < N)[None, :]
-                off = (b64 * C + ca)[:, None] * N + n[None, :]
-                tl.store(dq_ptr + off, dq, mask=m)
                 tl.store(dk_ptr + off, dk, mask=m)
                 tl.store(dvbar_ptr + b64 * C + ca, dv, mask=a_ok & lt_block(n0, 1, dv))
     tl.debug_barrier()
@@ -360,8 +365,9 @@ def channel_attention_backward(y, o, r, ah, norm, qkv_weights, qkv_biases, head_
     `part` (B, P) at column off_c."""
     B, C, ho, wo = y.shape
     N, D, H = ho * wo, C // head_num, ah.shape[2]
-    # 16 x 16 tiles (tl.dot's minimum): a step holds dQ, dK and two score tiles with their operands,
-    # which at 32 x 32 spilled (ptxas, sm_90: 255 registers and 2.6 KB of spills).
+    # 16 x 16 tiles (tl.dot's minimum): a step holds an accumulator (dQ or dK) and a score tile with
+    # their operands, which at 32 x 32 spilled (ptxas, sm_90: 255 registers and 2.6 KB of spills);
+    # 8 warps and no software pipelining keep it under 128 registers (4 warps: 144).
     bi = bn = 16
     acc = y.dtype
     stats = alloc((3, B, C), acc, y.device)
@@ -374,5 +380,5 @@ def channel_attention_backward(y, o, r, ah, norm, qkv_weights, qkv_biases, head_
         y, o, r, ah, *norm, *qkv_weights, *biases, stats, dq, dk, dvbar, dy, part,
         B, C, N, D, H, head_num, window[0] * window[1], part.shape[1], off_c, eps,
         HAS_BIAS=has_bias, SOFTMAX=softmax, BLOCK_I=bi, BLOCK_N=bn, BLOCK_S=STATS_BLOCK,
-        BLOCK_H=min(64, pow2(H)), BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(acc), num_warps=4)
+        BLOCK_H=min(64, pow2(H)), BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(acc), num_warps=8, num_stages=1)
     return dy

@@ -13,14 +13,19 @@ import triton.language as tl
 from torch import Tensor
 
 from .utils import (
+    THREAD_BYTES,
+    aligned,
     alloc,
+    cdiv,
     channel_block,
     launch,
     lt_block,
-    num_warps,
+    pow2,
+    row_tile,
     sample_channels,
     tl_dtype,
-    window_columns,
+    vector_width,
+    window_sums,
     window_tile,
 )
 
@@ -37,54 +42,63 @@ def _gate_grads_bwd_kernel(
     v_ptr,  # (B, C, HO, WO * KW) out
     C, H, W, HC, HO, WO, KH, KW,
     sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw,
-    BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr, ACC: tl.constexpr,
 ):
+    W, WV = aligned(W, VEC), aligned(WO * KW, VEC)
+    sgb, sgc, sgh = aligned(sgb, VEC), aligned(sgc, VEC), aligned(sgh, VEC)
+    sxb, sxc, sxh = aligned(sxb, VEC), aligned(sxc, VEC), aligned(sxh, VEC)
     b, c = sample_channels(C, BLOCK_C)
     i = tl.program_id(1)
-    j, t, w = window_columns(KW, BLOCK_J, BLOCK_K)
+    w = tl.arange(0, BLOCK_W)
+    j = tl.arange(0, BLOCK_J)
     c_ok = c < C
     full_row = c_ok & lt_block(i, HO, c)  # window row i is a whole one, not the leftover rows
-    w_ok = (w < W) & (t < KW)[None, :]
-    m = c_ok[:, None, None] & w_ok[None, :, :]
+    m = c_ok[:, None] & (w < W)[None, :]
     b64, c64, w64 = b.to(tl.int64), c.to(tl.int64), w.to(tl.int64)
     bc = b64 * C + c64
-    g_plane = g_ptr + b64 * sgb + c64[:, None, None] * sgc + w64[None, :, :] * sgw
-    x_plane = x_ptr + b64 * sxb + c64[:, None, None] * sxc + w64[None, :, :] * sxw
-    a_w = tl.load(aw_ptr + bc[:, None, None] * W + w[None, :, :], mask=m, other=0.0).to(ACC)
-    s_acc = tl.zeros([BLOCK_C, BLOCK_J, BLOCK_K], ACC)
-    v_acc = tl.zeros([BLOCK_C, BLOCK_J, BLOCK_K], ACC)
+    g_plane = g_ptr + b64 * sgb + c64[:, None] * sgc + w64[None, :] * sgw
+    x_plane = x_ptr + b64 * sxb + c64[:, None] * sxc + w64[None, :] * sxw
+    a_w = tl.load(aw_ptr + bc[:, None] * W + w[None, :], mask=m, other=0.0).to(ACC)
+    s_acc = tl.zeros([BLOCK_C, BLOCK_W], ACC)
+    v_acc = tl.zeros([BLOCK_C, BLOCK_W], ACC)
     for r in range(KH):
         h = i * KH + r
         h64 = h.to(tl.int64)
         row_ok = c_ok & lt_block(h, H, c)
-        mh = m & row_ok[:, None, None]
+        mh = m & row_ok[:, None]
         g = tl.load(g_plane + h64 * sgh, mask=mh, other=0.0).to(ACC)
         x = tl.load(x_plane + h64 * sxh, mask=mh, other=0.0).to(ACC)
-        a_h = tl.load(ah_ptr + bc * H + h, mask=row_ok, other=0.0).to(ACC)[:, None, None]
+        a_h = tl.load(ah_ptr + bc * H + h, mask=row_ok, other=0.0).to(ACC)[:, None]
         gx = g * x
-        tl.store(r_ptr + bc * H + h, tl.sum(tl.sum(gx * a_w, axis=2), axis=1), mask=row_ok)
+        tl.store(r_ptr + bc * H + h, tl.sum(gx * a_w, axis=1), mask=row_ok)
         s_acc += gx * a_h
         v_acc += x * a_h
-        tl.store(u_ptr + (bc[:, None] * (HO * KH) + h) * WO + j[None, :], tl.sum(x * a_w, axis=2),
+        tl.store(u_ptr + (bc[:, None] * (HO * KH) + h) * WO + j[None, :], window_sums(x * a_w, KW, BLOCK_J, BLOCK_K),
                  mask=full_row[:, None] & (j < WO)[None, :])
-    tl.store(s_ptr + (bc[:, None, None] * HC + i) * W + w[None, :, :], s_acc, mask=m)
-    tl.store(v_ptr + (bc[:, None, None] * HO + i) * (WO * KW) + w[None, :, :], v_acc,
-             mask=m & full_row[:, None, None] & (j < WO)[None, :, None])
+    tl.store(s_ptr + (bc[:, None] * HC + i) * W + w[None, :], s_acc, mask=m)
+    tl.store(v_ptr + (bc[:, None] * HO + i) * WV + w[None, :], v_acc, mask=full_row[:, None] & (w < WV)[None, :])
 
 
 def gate_grads(g: Tensor, x: Tensor, ah: Tensor, aw: Tensor, kh: int, kw: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The op scsa_triton::gate_grads: R (B,C,H), S (B,C,HC,W), U (B,C,HO*KH,WO), V (B,C,HO,WO*KW)
     as documented above."""
     B, C, H, W = x.shape
-    ho, wo, hc = H // kh, W // kw, triton.cdiv(H, kh)
-    bj, bk = window_tile(W, kw)
+    ho, wo, hc = H // kh, W // kw, cdiv(H, kh)
+    bj, bk = window_tile(wo * kw, kw)
     acc = ah.dtype
-    bc = channel_block(bj * bk, C, acc)
+    # Half the usual tile a thread (a quarter for rows of 256 and more) beyond the row's vectors: g,
+    # X, a_w, the S and V accumulators and the regrouped windows are live at once (ptxas, sm_90:
+    # more spilled on detection maps, 100 x 167 and 200 x 334, under the 128-register budget).
+    row = row_tile(W, kw)
+    vec = vector_width((W, wo * kw), x.element_size(), g.stride(), x.stride())
+    bc, warps = channel_block(row, C, acc, vec, THREAD_BYTES // (4 if row >= 256 else 2))
     r = alloc((B, C, H), acc, x.device)
     s = alloc((B, C, hc, W), acc, x.device)
     u = alloc((B, C, ho * kh, wo), acc, x.device)
     v = alloc((B, C, ho, wo * kw), acc, x.device)
-    launch(_gate_grads_bwd_kernel, (B * triton.cdiv(C, bc), hc),
+    launch(_gate_grads_bwd_kernel, (B * cdiv(C, bc), hc),
         g, x, ah, aw, r, s, u, v, C, H, W, hc, ho, wo, kh, kw, *g.stride(), *x.stride(),
-        BLOCK_C=bc, BLOCK_J=bj, BLOCK_K=bk, ACC=tl_dtype(acc), num_warps=num_warps(bc * bj * bk, acc))
+        BLOCK_C=bc, BLOCK_W=pow2(W), BLOCK_J=bj, BLOCK_K=bk,
+        VEC=vec, ACC=tl_dtype(acc), num_warps=warps)
     return r, s, u, v

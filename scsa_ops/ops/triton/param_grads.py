@@ -4,7 +4,7 @@ once per branch (the H and W branches share the four convs); they are added here
 import triton
 import triton.language as tl
 
-from .utils import launch, tl_dtype
+from .utils import cdiv, launch, tl_dtype
 
 BLOCK = 1024  # gradient elements per program
 
@@ -30,6 +30,6 @@ def _param_grads_kernel(
 
 def param_grads(part, conv_size, out):
     B, P = part.shape
-    launch(_param_grads_kernel, (triton.cdiv(P - conv_size, BLOCK),), part, out, B, P, conv_size,
+    launch(_param_grads_kernel, (cdiv(P - conv_size, BLOCK),), part, out, B, P, conv_size,
            BLOCK=BLOCK, ACC=tl_dtype(part.dtype), num_warps=4)
     return out

@@ -6,7 +6,19 @@ sums are complete in-program, column sums are per band and summed by the spatial
 import triton
 import triton.language as tl
 
-from .utils import alloc, channel_block, launch, lt_block, num_warps, pow2, sample_channels, tl_dtype
+from .utils import (
+    aligned,
+    alloc,
+    cdiv,
+    channel_block,
+    channel_vector,
+    launch,
+    lt_block,
+    pow2,
+    sample_channels,
+    tl_dtype,
+    vector_width,
+)
 
 ROWS = 8
 
@@ -18,8 +30,9 @@ def _pool_fwd_kernel(
     pw_ptr,  # (NBANDS, B, C, W) column sums over each band of ROWS rows, contiguous
     B, C, H, W,
     sxb, sxc, sxh, sxw,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr,
 ):
+    W, sxb, sxc, sxh = aligned(W, VEC), aligned(sxb, VEC), aligned(sxc, VEC), aligned(sxh, VEC)
     b, c = sample_channels(C, BLOCK_C)
     band = tl.program_id(1)
     w = tl.arange(0, BLOCK_W)
@@ -27,7 +40,7 @@ def _pool_fwd_kernel(
     b64, c64, w64 = b.to(tl.int64), c.to(tl.int64), w.to(tl.int64)
     plane = x_ptr + b64 * sxb + c64[:, None] * sxc + w64[None, :] * sxw
     col = tl.zeros([BLOCK_C, BLOCK_W], ACC)
-    for r in range(ROWS):
+    for r in tl.static_range(ROWS):
         h = band * ROWS + r
         row_ok = c_ok & lt_block(h, H, c)
         m = row_ok[:, None] & w_ok[None, :]
@@ -42,11 +55,13 @@ def pool(x, acc):
     """Row sums (B, C, H) and banded column sums (NBANDS, B, C, W), in `acc` dtype."""
     B, C, H, W = x.shape
     bw = pow2(W)
-    bc = channel_block(bw, C, acc)
-    nbands = triton.cdiv(H, ROWS)
+    vec = vector_width((W,), x.element_size(), x.stride())
+    bc, warps = channel_block(bw, C, acc, channel_vector(x, vec))
+    nbands = cdiv(H, ROWS)
     ph = alloc((B, C, H), acc, x.device)
     pw = alloc((nbands, B, C, W), acc, x.device)
-    launch(_pool_fwd_kernel, (B * triton.cdiv(C, bc), nbands),
+    launch(_pool_fwd_kernel, (B * cdiv(C, bc), nbands),
         x, ph, pw, B, C, H, W, *x.stride(),
-        ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw, ACC=tl_dtype(acc), num_warps=num_warps(bc * bw, acc))
+        ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw, VEC=vec, ACC=tl_dtype(acc),
+        num_warps=warps)
     return ph, pw

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .apply_gates import _channel_gate
-from .utils import alloc, as_acc, launch, pow2, tile_elems, tl_dtype
+from .utils import alloc, as_acc, cdiv, launch, pow2, tile_elems, tl_dtype
 
 
 @triton.jit
@@ -294,10 +294,10 @@ def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes
     nbands, B, C, W = pw.shape
     H = ph.shape[2]
     bh, bw = pow2(H), pow2(W)
-    # A quarter of the usual tile: the taps keep up to nine shifted loads of it in flight (this
+    # Half a plane kernel's tile: the taps keep up to nine shifted loads of it in flight (this
     # kernel reads kilobytes; occupancy does not matter here, spills would). Warp counts chosen
     # from ptxas reports of sm_80 and sm_90 (bench/aot_compile.py).
-    bg = max(1, min(pow2(C // 4), tile_elems(ph.dtype) // (4 * max(bh, bw))))
+    bg = max(1, min(pow2(C // 4), tile_elems(ph.dtype) // (2 * max(bh, bw))))
     ah = alloc((B, C, H), ph.dtype, ph.device)
     aw = alloc((B, C, W), ph.dtype, ph.device)
     convs = [t for wb in zip(conv_weights, conv_biases) for t in wb]
@@ -324,7 +324,9 @@ def spatial_gate_backward(ph, pw, ah, aw, o, sums, dy, conv_weights, norm_h_weig
     kh, kw = window
     bh, bw = pow2(H), pow2(W)
     acc = ph.dtype
-    bg = max(1, min(pow2(C // 4), tile_elems(acc) // (4 * max(bh, bw))))
+    # As the forward's, but a quarter of the tile for rows of 128 and more (ptxas, sm_90: a 50 x 84
+    # map spilled under the 128-register budget at half).
+    bg = max(1, min(pow2(C // 4), tile_elems(acc) // ((4 if max(bh, bw) >= 128 else 2) * max(bh, bw))))
     dzh, dzw = alloc((B, C, H), acc, ph.device), alloc((B, C, W), acc, ph.device)
     dph, dpw = alloc((B, C, H), acc, ph.device), alloc((B, C, W), acc, ph.device)
     ks = [w.shape[-1] for w in conv_weights]
@@ -332,7 +334,7 @@ def spatial_gate_backward(ph, pw, ah, aw, o, sums, dy, conv_weights, norm_h_weig
     convs = [t for wb in zip(conv_weights, conv_biases) for t in wb]
     launch(_spatial_gate_bwd_kernel, (B, 4, 2),
         ph, pw, ah, aw, o, *sums, dy, dzh, dzw, dph, dpw, part, norm_h_weight, norm_w_weight, *convs,
-        B, C, H, W, H // kh, W // kw, triton.cdiv(H, kh), kh, kw, nbands, part.shape[1], eps,
+        B, C, H, W, H // kh, W // kw, cdiv(H, kh), kh, kw, nbands, part.shape[1], eps,
         K0=ks[0], K1=ks[1], K2=ks[2], K3=ks[3], PAD0=pads[0], PAD1=pads[1], PAD2=pads[2], PAD3=pads[3],
         SOFTMAX=softmax, BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(acc),
         num_warps=8 if bg > 1 and bg * max(bh, bw) >= 512 else 4)

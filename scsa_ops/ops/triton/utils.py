@@ -1,9 +1,11 @@
 """Launch heuristics shared by every SCSA Triton kernel (no autotuning: shapes are known up front)."""
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import is_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
@@ -15,8 +17,17 @@ _POISON = os.environ.get("SCSA_OPS_POISON", "0") == "1"
 # Triton reads this when a kernel is decorated: it holds for the life of the process.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Register budget of one program's tile: 2048 fp32 (1024 fp64) values, spread over 8 warps.
-TILE_BYTES = 8192
+# Register budget of a plane kernel's tile: THREAD_BYTES of it per thread (4 fp32 or 2 fp64
+# values), over at most 8 warps: ptxas then keeps the handful of tiles a pass holds (data, gates,
+# accumulators, addresses) under 128 registers without spilling (sm_90, every preset's launch:
+# bench/gpu_model.py), and small maps get twice the programs that 8 values a thread gave.
+THREAD_BYTES = 16
+MAX_WARPS = 8
+# Every launch's register budget (PTX .maxnreg): 2 CTAs of 8 warps an SM. Without one, ptxas 13.4
+# under Triton's --regAllocOptLevel=2 spilled some kernels at 40-64 registers (the spatial gates
+# at 14 x 14 and 112 x 112, by 16-244 bytes) where a budget compiles them spill-free; a kernel
+# that needs more than this spills visibly (bench/gpu_model.py, tests/test_aot_compile.py).
+MAX_REGISTERS = 128
 # Widest row (in padded elements) the plane kernels hold at once (one channel of it is a whole
 # tile); wider maps, W > 2048, use the eager path.
 MAX_ROW = 2048
@@ -33,9 +44,39 @@ def alloc_like(x):
     return alloc(x.shape, x.dtype, x.device, output_format(x))
 
 
+_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16,
+              torch.bfloat16: tl.bfloat16}
+
+
 def tl_dtype(dtype):
-    return {torch.float64: tl.float64, torch.float32: tl.float32,
-            torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    return _TL_DTYPES[dtype]
+
+
+def memo(fn):
+    """fn memoised on its (int, dtype) arguments: the launch parameters of a shape seen before cost
+    a dict lookup (host time per call: bench/gpu_model.py --host). Not while dynamo traces (the
+    cache's state would change the trace between its restarts; the graph runs no host code anyway);
+    symbolic sizes are unhashable and computed each time."""
+    cache = {}
+
+    @functools.wraps(fn)
+    def cached(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        try:
+            return cache[args]
+        except KeyError:
+            out = cache[args] = fn(*args)
+            return out
+        except TypeError:  # a SymInt
+            return fn(*args)
+
+    return cached
+
+
+def cdiv(a, b):
+    """ceil(a / b) for host code: triton.cdiv is a constexpr_function, ~5 us a call on the host."""
+    return -(-a // b)
 
 
 def pow2(n):
@@ -48,38 +89,78 @@ def pow2(n):
 
 
 def launch(kernel, grid, *args, **meta):
-    """kernel[grid](*args, **meta) through torch.library.wrap_triton, so torch.compile and
-    torch.export capture it. Interpreted kernels are plain Python that cannot be captured (torch
-    hands them back unwrapped): on fake tensors (shape propagation, CPU tests) there is nothing to run."""
-    if INTERPRET and any(is_fake(a) for a in args if isinstance(a, torch.Tensor)):
-        return
-    wrap_triton(kernel)[grid](*args, **meta)
+    """kernel[grid](*args, **meta, maxnreg=MAX_REGISTERS) through torch.library.wrap_triton, so
+    torch.compile and torch.export capture it (in eager mode wrap_triton is switched off and calls
+    the kernel itself: library.Provider). Interpreted kernels are plain Python that cannot be
+    captured (torch hands them back unwrapped): on fake tensors (shape propagation, CPU tests)
+    there is nothing to run."""
+    if not is_wrap_triton_enabled():  # eager: what wrap_triton would call, without building its wrapper
+        kernel[grid](*args, **meta, maxnreg=MAX_REGISTERS)
+    elif not (INTERPRET and any(is_fake(a) for a in args if isinstance(a, torch.Tensor))):
+        wrap_triton(kernel)[grid](*args, **meta, maxnreg=MAX_REGISTERS)
 
 
 def tile_elems(dtype):
-    return TILE_BYTES // dtype.itemsize
+    """Values of `dtype` in a full register budget (MAX_WARPS warps of THREAD_BYTES a thread)."""
+    return MAX_WARPS * 32 * THREAD_BYTES // dtype.itemsize
 
 
-def channel_block(row_elems, channels, dtype):
-    """Channels per program so that one row tile of `dtype` values fills the register budget."""
-    return max(1, min(pow2(channels), tile_elems(dtype) // row_elems))
+@memo
+def channel_vector(x, vec):
+    """Elements of x a thread of a forward plane kernel holds side by side, for accesses as wide as
+    the layout allows: `vec` along W (NCHW: vector_width), 16 bytes along C for channels_last (a
+    unit C stride, which the JIT specialises on, with C a multiple of 16 as a rule)."""
+    return 16 // x.element_size() if x.stride(1) == 1 and x.stride(3) != 1 else vec
 
 
+def channel_block(row_elems, channels, dtype, vec, thread_bytes=THREAD_BYTES):
+    """(channels per program, num_warps) for a [channels, row_elems] tile of `dtype` values read
+    `vec` elements at a time: thread_bytes of it a thread, but at least one whole vector (8 fp16
+    need 8 fp32 accumulators each thread, or the layout splits the 128-bit access); as many
+    channels as fill MAX_WARPS warps, fewer warps for a sample with fewer channels."""
+    thread_bytes = max(thread_bytes, vec * dtype.itemsize)
+    bc = max(1, min(pow2(channels), MAX_WARPS * 32 * thread_bytes // (row_elems * dtype.itemsize)))
+    return bc, max(1, min(MAX_WARPS, bc * row_elems * dtype.itemsize // (32 * thread_bytes)))
+
+
+@memo
 def window_tile(w, kw):
-    """(BLOCK_J, BLOCK_K): a row seen as windows j of kw columns, covering all w columns."""
-    return pow2(triton.cdiv(w, kw)), pow2(kw)
+    """(BLOCK_J, BLOCK_K): the windows of kw columns of a w-wide row, as window_sums regroups them."""
+    return pow2(cdiv(w, kw)), pow2(kw)
+
+
+@memo
+def row_tile(w, kw):
+    """Elements of one channel's row tile in the window kernels: the row, or its regrouped windows."""
+    bj, bk = window_tile(w, kw)
+    return max(pow2(w), bj * bk)
 
 
 def fits(w, window_w):
     """Whether one program can hold a full row of width w (plain and as windows)."""
-    bj, bk = window_tile(w, window_w)
-    return pow2(w) <= MAX_ROW and bj * bk <= MAX_ROW
+    return row_tile(w, window_w) <= MAX_ROW
 
 
-def num_warps(tile_elems, dtype):
-    """About 8 fp32 (4 fp64) values of a tile per thread: ptxas then keeps the handful of tiles a
-    pass holds (data, gates, accumulators, 64-bit addresses) in registers without spilling."""
-    return max(1, min(8, tile_elems * dtype.itemsize // 1024))
+@memo
+def vector_width(widths, itemsize, *strides):
+    """Elements per global access the plane kernels may assume along W: the widest power of two,
+    up to 16 bytes of `itemsize` elements, that divides each of `widths` (row lengths) and every
+    other stride of every full-size tensor (`strides`: their stride() tuples), whose W stride must
+    be 1 (else 1, e.g. channels_last). The JIT only marks integers divisible by 16, and no ResNet
+    width (56, 28, 14, 7) is one, so without this hint every NCHW access is scalar. Symbolic sizes
+    (torch.compile with dynamic shapes) get 1: a guard on each size's alignment would recompile
+    the graph per alignment class as well as per tile bucket, past dynamo's recompile limit."""
+    bits = 0  # the OR of every value: its lowest set bit is the largest power of two dividing all
+    for sb, sc, sh, sw in strides:
+        if sw != 1:
+            return 1
+        bits |= sb | sc | sh
+    for w in widths:
+        bits |= w
+    if isinstance(bits, torch.SymInt):
+        return 1
+    vec = 16 // itemsize
+    return vec if bits == 0 else min(vec, bits & -bits)
 
 
 @triton.jit
@@ -88,6 +169,13 @@ def as_acc(v, ACC: tl.constexpr):
     types an unannotated Python float fp32, which would round eps = 1e-5 in fp64 runs (the
     interpreter passes the Python float itself, so only a GPU showed it)."""
     return tl.sum(tl.zeros([1], ACC) + v, axis=0).to(ACC)
+
+
+@triton.jit
+def aligned(n, VEC: tl.constexpr):
+    """n, which the launcher checked is a multiple of VEC (vector_width), written so that the
+    compiler's divisibility analysis sees it (tl.multiple_of does not attach to a kernel argument)."""
+    return n // VEC * VEC
 
 
 @triton.jit
@@ -106,8 +194,17 @@ def sample_channels(C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def window_columns(KW, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A row as [BLOCK_J windows, BLOCK_K columns]: (window j, column-in-window t, column w)."""
-    j = tl.arange(0, BLOCK_J)
+def window_sums(v, KW, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_C, BLOCK_W] row tile -> [BLOCK_C, BLOCK_J] sums over windows of KW columns (window j:
+    columns j * KW ... j * KW + KW - 1). Rows are loaded whole and contiguous, so the loads are
+    vector-wide; a gather then regroups the columns as [BLOCK_J windows, BLOCK_K columns], once
+    per tile instead of one unaligned window-shaped load per row (KW = 7 aligns to nothing)."""
+    BLOCK_C: tl.constexpr = v.shape[0]
+    BLOCK_W: tl.constexpr = v.shape[1]
+    if BLOCK_J == 1:  # one window a row (7x7 maps, global pooling): nothing to regroup
+        return tl.sum(tl.where((tl.arange(0, BLOCK_W) < KW)[None, :], v, 0.0), axis=1)[:, None]
     t = tl.arange(0, BLOCK_K)
-    return j, t, j[:, None] * KW + t[None, :]
+    col = tl.minimum(tl.arange(0, BLOCK_J)[:, None] * KW + t[None, :], BLOCK_W - 1)
+    idx = tl.broadcast_to(tl.reshape(col, [1, BLOCK_J * BLOCK_K]), [BLOCK_C, BLOCK_J * BLOCK_K])
+    windows = tl.reshape(tl.gather(v, idx, 1), [BLOCK_C, BLOCK_J, BLOCK_K])
+    return tl.sum(tl.where((t < KW)[None, None, :], windows, 0.0), axis=2)
