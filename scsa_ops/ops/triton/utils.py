@@ -28,8 +28,8 @@ MAX_WARPS = 8
 # at 14 x 14 and 112 x 112, by 16-244 bytes) where a budget compiles them spill-free; a kernel
 # that needs more than this spills visibly (bench/gpu_model.py, tests/test_aot_compile.py).
 MAX_REGISTERS = 128
-# Widest row (in padded elements) the plane kernels hold at once (one channel of it is a whole
-# tile); wider maps, W > 2048, use the eager path.
+# Widest row (in padded elements) the plane kernels hold at once (one channel a program at that
+# width, 8 fp32 a thread); wider maps, W > 2048, use the eager path.
 MAX_ROW = 2048
 
 
