@@ -169,3 +169,21 @@ def test_rows_of_any_alignment(row_stride):
     with torch.no_grad():
         assert rel_err(out.double(), ref(xr)) < 1e-5
     assert rel_err(leaf.grad[:, 1:, :, :16].double(), xr.grad) < 1e-5
+
+
+def test_launchers_keep_no_reference_to_their_inputs():
+    """The launch-parameter caches (utils.memo) hold ints and dtypes, never a tensor: an input
+    held by a cache would keep a full-size activation alive after every call (and answer for a
+    later tensor that reuses its id)."""
+    import gc
+    import weakref
+
+    _, fused = pair(dict(dim=8))
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(1, 8, 14, 14, dtype=torch.float64, device=DEVICE).contiguous(memory_format=memory_format)
+        x.requires_grad_()
+        fused(x).sum().backward()
+        alive = weakref.ref(x)
+        del x
+        gc.collect()
+        assert alive() is None, memory_format

@@ -21,7 +21,7 @@ from .utils import (
 )
 
 # Rows per program: the gates of a row tile (a_w, a_c, and dp_w for the backward) are loaded once
-# and reused over ROWS rows; 4 keeps the tile's registers under the budget of utils.num_warps.
+# and reused over ROWS rows; 4 keeps the tile's registers under the budget of utils.channel_block.
 ROWS = 4
 # Channels per step of the softmax gate's sweep over the sample's logits.
 SOFTMAX_BLOCK = 1024

@@ -53,10 +53,12 @@ def tl_dtype(dtype):
 
 
 def memo(fn):
-    """fn memoised on its (int, dtype) arguments: the launch parameters of a shape seen before cost
-    a dict lookup (host time per call: bench/gpu_model.py --host). Not while dynamo traces (the
-    cache's state would change the trace between its restarts; the graph runs no host code anyway);
-    symbolic sizes are unhashable and computed each time."""
+    """fn memoised on its arguments: the launch parameters of a shape seen before cost a dict
+    lookup (host time per call: bench/gpu_model.py --host). The arguments must be ints, tuples of
+    them and dtypes: a tensor as a key would stay alive in the cache (and answer for a later tensor
+    with its id). Not while dynamo traces (the cache's state would change the trace between its
+    restarts; the graph runs no host code anyway); symbolic sizes are unhashable and computed each
+    time."""
     cache = {}
 
     @functools.wraps(fn)
@@ -105,7 +107,6 @@ def tile_elems(dtype):
     return MAX_WARPS * 32 * THREAD_BYTES // dtype.itemsize
 
 
-@memo
 def channel_vector(x, vec):
     """Elements of x a thread of a forward plane kernel holds side by side, for accesses as wide as
     the layout allows: `vec` along W (NCHW: vector_width), 16 bytes along C for channels_last (a
@@ -113,6 +114,7 @@ def channel_vector(x, vec):
     return 16 // x.element_size() if x.stride(1) == 1 and x.stride(3) != 1 else vec
 
 
+@memo
 def channel_block(row_elems, channels, dtype, vec, thread_bytes=THREAD_BYTES):
     """(channels per program, num_warps) for a [channels, row_elems] tile of `dtype` values read
     `vec` elements at a time: thread_bytes of it a thread, but at least one whole vector (8 fp16
