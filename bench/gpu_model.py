@@ -90,14 +90,6 @@ _REGISTER = re.compile(r"%[a-z]+\d+")
 _PARAM = re.compile(r"_param_(\d+)\]")
 
 
-def access_widths(ptx):
-    """(narrowest global load, narrowest global store) in bits: vector lanes x element width."""
-    widths = {"ld": [], "st": []}
-    for op, vec, bits in _ACCESS.findall(ptx):
-        widths[op].append(int(vec or 1) * int(bits))
-    return min(widths["ld"], default=None), min(widths["st"], default=None)
-
-
 def accesses_by_param(ptx):
     """[(ld|st, bits, {kernel parameter indices})]: every global access with the parameters its
     address derives from, traced back through the instructions that define each register."""
@@ -133,16 +125,22 @@ def accesses_by_param(ptx):
     return out
 
 
-def full_size_widths(ptx, src, bound, numel):
-    """(narrowest load, narrowest store) in bits among the accesses to the launch's full-size
-    tensors (numel elements: X, g, out, dX), or None where the launch has none."""
-    names = [name for name, ty in src.signature.items() if ty != "constexpr"]
-    full = {i for i, name in enumerate(names) if isinstance(bound[name], torch.Tensor) and bound[name].numel() == numel}
+def narrowest(accesses, params=None):
+    """(narrowest global load, narrowest global store) in bits (vector lanes x element width) of
+    `accesses` (accesses_by_param), or of those whose address derives from one of `params`; None
+    where there is none."""
     widths = {"ld": [], "st": []}
-    for kind, bits, reached in accesses_by_param(ptx):
-        if reached & full:
+    for kind, bits, reached in accesses:
+        if params is None or reached & params:
             widths[kind].append(bits)
     return min(widths["ld"], default=None), min(widths["st"], default=None)
+
+
+def full_size_params(src, bound, numel):
+    """Indices of the launch's kernel parameters that are full-size tensors (numel elements: X, g,
+    out, dX), in the PTX's parameter order (the non-constexpr arguments)."""
+    names = [name for name, ty in src.signature.items() if ty != "constexpr"]
+    return {i for i, name in enumerate(names) if isinstance(bound[name], torch.Tensor) and bound[name].numel() == numel}
 
 
 def tensor_bytes(bound):
@@ -156,7 +154,9 @@ def model_launch(name, args, kwargs, grid, kernels, arch, cache, numel):
     if key not in cache:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
         ptx = compiled.asm["ptx"]
-        cache[key] = (*ptxas_report(ptx, arch), *access_widths(ptx), *full_size_widths(ptx, src, bound, numel))
+        accesses = accesses_by_param(ptx)
+        cache[key] = (*ptxas_report(ptx, arch), *narrowest(accesses),
+                      *narrowest(accesses, full_size_params(src, bound, numel)))
     regs, spills, load_bits, store_bits, x_load_bits, x_store_bits = cache[key]
     grid = grid(bound) if callable(grid) else grid
     moved = tensor_bytes(bound)
