@@ -37,7 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from bench.common import cpu_name  # noqa: E402
+from bench.common import machine, machine_line  # noqa: E402
 from bench.kernels import LaunchRecorder, all_kernels  # noqa: E402
 from bench.op import DTYPES, MEMORY_FORMATS, PRESETS, preset_shapes  # noqa: E402
 from scsa_ops import SCSA, backends  # noqa: E402
@@ -261,15 +261,16 @@ def main(argv=None):
     shapes = [shape for preset in args.preset for shape, _ in preset_shapes(preset, args.batch)] + args.shape
     if args.host:
         rows = host_us(shapes, args.dtype, args.memory_format)
-        print(f"Host time per call, launches stubbed: {cpu_name()}, torch {torch.__version__}, "
-              f"triton {triton.__version__}, {args.dtype}, {args.memory_format}")
+        info = machine(torch.device("cpu"))
+        print(f"Host time per call, launches stubbed, {args.dtype}, {args.memory_format}: {machine_line(info)}")
         print("| shape | forward us (launches) | forward + backward us (launches) |\n| --- | --- | --- |")
         for r in rows:
             print(f"| {tuple(r['shape'])} | {r['forward_us']} ({r['launches_forward']}) | {r['train_us']} "
                   f"({r['launches_train']}) |")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(cpu=cpu_name(), host=rows), f, indent=1)
+                json.dump(dict(machine=info, dtype=args.dtype, memory_format=args.memory_format, host=rows), f,
+                          indent=1)
         return rows
     results = cases(shapes, args.dtype, args.memory_format)
     print(f"Dry run, {TARGET['name']}: sm_{TARGET['arch']}, {TARGET['hbm_tb_s']} TB/s, "
