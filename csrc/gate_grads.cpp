@@ -20,16 +20,20 @@ void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
   using V = Vectorized<A>;
   const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh, wc = wo * kw;
   A *R = static_cast<A*>(out.r), *S = static_cast<A*>(out.s), *U = static_cast<A*>(out.u), *Vs = static_cast<A*>(out.v);
+  // The window row's S and V sums accumulate in local rows of whole vectors (a partial vector,
+  // every row of a 7-, 14- or 28-wide map, would be stored through a buffer on each of its kh
+  // rows) and are written out once per window row.
+  constexpr int64_t L = V::size();
+  const int64_t Wv = (W + L - 1) / L * L;
   at::parallel_for(0, planes, grain(2 * H * W), [&](int64_t begin, int64_t end) {
-    std::vector<A> xaw(W);
+    std::vector<A> xaw(Wv), s_acc(Wv), v_acc(Wv);
     for (int64_t p = begin; p < end; ++p) {
       const A* a_w = aw + p * W;
+      RowSums<A> r_sums{R + p * H, false};
       for (int64_t i = 0; i < hc; ++i) {
         const bool full = i < ho;  // a whole window row, not the leftover rows
-        A* s_row = S + (p * hc + i) * W;
-        A* v_row = Vs + (p * ho + i) * wc;
-        std::fill(s_row, s_row + W, A(0));
-        if (full) std::fill(v_row, v_row + wc, A(0));
+        std::fill(s_acc.begin(), s_acc.end(), A(0));
+        std::fill(v_acc.begin(), v_acc.end(), A(0));
         for (int64_t h = i * kh; h < std::min(H, (i + 1) * kh); ++h) {
           const V a_h(ah[p * H + h]);
           const T* gr = g + (p * H + h) * W;
@@ -38,14 +42,11 @@ void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
           for_lanes<A>(W, [&](int64_t w, int64_t n) {
             const auto xv = load(xr + w, n), gx = load(gr + w, n) * xv, aw_v = load(a_w + w, n);
             r = at::vec::fmadd(gx, aw_v, r);
-            store(s_row + w, at::vec::fmadd(gx, a_h, load(s_row + w, n)), n);
-            store(xaw.data() + w, xv * aw_v, n);
-            if (full && w < wc) {
-              const int64_t nv = std::min(n, wc - w);
-              store(v_row + w, at::vec::fmadd(xv, a_h, load(v_row + w, nv)), nv);
-            }
+            at::vec::fmadd(gx, a_h, V::loadu(s_acc.data() + w)).store(s_acc.data() + w);
+            (xv * aw_v).store(xaw.data() + w);
+            if (full) at::vec::fmadd(xv, a_h, V::loadu(v_acc.data() + w)).store(v_acc.data() + w);
           });
-          R[p * H + h] = reduce_sum(r);
+          r_sums.push(r);
           if (full)
             for (int64_t j = 0; j < wo; ++j) {
               A u = 0;
@@ -53,7 +54,10 @@ void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
               U[(p * ho * kh + h) * wo + j] = u;
             }
         }
+        std::copy(s_acc.begin(), s_acc.begin() + W, S + (p * hc + i) * W);
+        if (full) std::copy(v_acc.begin(), v_acc.begin() + wc, Vs + (p * ho + i) * wc);
       }
+      r_sums.flush();
     }
   });
 }

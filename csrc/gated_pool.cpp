@@ -8,26 +8,29 @@
 namespace scsa {
 namespace {
 
-// One window row of one plane, NV vectors of columns at a time: the row sums stay in registers
-// while the kh rows stream past (a store/load round trip per row would bound small planes).
-template <int NV, typename T>
+// One window row of one plane, in runs of up to 8 vectors of columns: the row sums stay in
+// registers while the kh rows stream past (a store/load round trip per row would bound small
+// planes). `weighted` takes whole vectors (it has room for the overhang).
+template <typename T>
 void window_row(const T* rows, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>* weighted, int64_t W, int64_t wc,
                 int64_t kh) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
-  for (int64_t w0 = 0; w0 < wc; w0 += NV * L) {
+  for_runs<A>(wc, [&](auto nf, auto tail, int64_t w0) {
+    constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
+    const int64_t n_tail = wc - w0 - NF * L;
     V acc[NV];
-    int64_t n[NV];
-    start_run(wc, w0, acc, n);
+    for (int v = 0; v < NV; ++v) acc[v] = V(0);
     for (int64_t r = 0; r < kh; ++r) {
       const V a_h(ah[r]);
+      const T* row = rows + r * W + w0;
       for (int v = 0; v < NV; ++v)
-        if (n[v] > 0) acc[v] = at::vec::fmadd(load(rows + r * W + w0 + v * L, n[v]), a_h, acc[v]);
+        acc[v] = at::vec::fmadd(v < NF ? load(row + v * L, L) : load(row + v * L, n_tail), a_h, acc[v]);
     }
     for (int v = 0; v < NV; ++v)
-      if (n[v] > 0) store(weighted + w0 + v * L, acc[v] * load(aw + w0 + v * L, n[v]), n[v]);
-  }
+      (acc[v] * (v < NF ? V::loadu(aw + w0 + v * L) : load(aw + w0 + v * L, n_tail))).store(weighted + w0 + v * L);
+  });
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -68,7 +71,7 @@ void gated_pool_nchw(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T
   const int64_t ho = H / kh, wo = W / kw, wc = wo * kw;  // wc: columns covered by windows
   const A inv = A(1) / A(kh * kw);
   at::parallel_for(0, planes, grain(H * W), [&](int64_t begin, int64_t end) {
-    std::vector<A> weighted(std::max<int64_t>(wc, 64));  // the window row's column sums times a_w
+    std::vector<A> weighted(std::max<int64_t>(wc + L, 64));  // the window row's column sums times a_w
 #if defined(CPU_CAPABILITY_AVX512)
     std::optional<WindowSums> sums;
     if constexpr (std::is_same_v<A, float>)
@@ -78,12 +81,7 @@ void gated_pool_nchw(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T
       for (int64_t i = 0; i < ho; ++i) {
         const T* rows = x + (p * H + i * kh) * W;
         const A* a_h = ah + p * H + i * kh;
-        if (wc <= L)
-          window_row<1>(rows, a_h, aw + p * W, weighted.data(), W, wc, kh);
-        else if (wc <= 2 * L)
-          window_row<2>(rows, a_h, aw + p * W, weighted.data(), W, wc, kh);
-        else
-          window_row<4>(rows, a_h, aw + p * W, weighted.data(), W, wc, kh);
+        window_row(rows, a_h, aw + p * W, weighted.data(), W, wc, kh);
 #if defined(CPU_CAPABILITY_AVX512)
         if constexpr (std::is_same_v<A, float>)
           if (sums) {

@@ -6,44 +6,38 @@
 namespace scsa {
 namespace {
 
-// NV vectors of columns of one plane at a time: the column sums stay in registers while the rows
-// stream past; each row's sum is one horizontal reduction of its NV vectors.
-template <int NV, typename T>
+// Runs of up to 8 vectors of columns of one plane: the column sums stay in registers while the
+// rows stream past; the row sums are reduced four rows at a time.
+template <typename T>
 void plane_sums(const T* plane, acc_t<T>* ph, acc_t<T>* pw, int64_t H, int64_t W) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
-  for (int64_t w0 = 0; w0 < W; w0 += NV * L) {
+  for_runs<A>(W, [&](auto nf, auto tail, int64_t w0) {
+    constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
+    const int64_t n_tail = W - w0 - NF * L;
     V col[NV];
-    int64_t n[NV];
-    start_run(W, w0, col, n);
+    for (int v = 0; v < NV; ++v) col[v] = V(0);
+    RowSums<A> sums{ph, w0 > 0};
     for (int64_t h = 0; h < H; ++h) {
-      V row(0);
-      for (int v = 0; v < NV; ++v)
-        if (n[v] > 0) {
-          const auto x = load(plane + h * W + w0 + v * L, n[v]);
-          col[v] += x;
-          row += x;
-        }
-      ph[h] = (w0 == 0 ? A(0) : ph[h]) + reduce_sum(row);
+      const T* row = plane + h * W + w0;
+      V sum(0);
+      for (int v = 0; v < NV; ++v) {
+        const auto x = v < NF ? load(row + v * L, L) : load(row + v * L, n_tail);
+        col[v] += x;
+        sum += x;
+      }
+      sums.push(sum);
     }
-    for (int v = 0; v < NV; ++v)
-      if (n[v] > 0) store(pw + w0 + v * L, col[v], n[v]);
-  }
+    sums.flush();
+    for (int v = 0; v < NV; ++v) store(pw + w0 + v * L, col[v], v < NF ? L : n_tail);
+  });
 }
 
 template <typename T>
 void pool_nchw(const T* x, acc_t<T>* ph, acc_t<T>* pw, int64_t planes, int64_t H, int64_t W) {
-  constexpr int64_t L = Vectorized<acc_t<T>>::size();
   at::parallel_for(0, planes, grain(H * W), [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      if (W <= L)
-        plane_sums<1>(x + p * H * W, ph + p * H, pw + p * W, H, W);
-      else if (W <= 2 * L)
-        plane_sums<2>(x + p * H * W, ph + p * H, pw + p * W, H, W);
-      else
-        plane_sums<4>(x + p * H * W, ph + p * H, pw + p * W, H, W);
-    }
+    for (int64_t p = begin; p < end; ++p) plane_sums(x + p * H * W, ph + p * H, pw + p * W, H, W);
   });
 }
 

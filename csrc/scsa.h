@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #endif
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace scsa {
@@ -119,6 +120,51 @@ inline A reduce_sum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
 }
 
+// out[r] (+)= the sum of rows[r]'s lanes, r < 4. One reduction per row is a chain of shuffles
+// and adds that a row loop waits on; four rows share one transpose-and-add tree (fp32 on AVX2 and
+// AVX512: 4 hadds, 1 extract, 1 add; AVX512 first folds each row to 8 lanes).
+template <typename A>
+inline void row_sums4(const Vectorized<A> (&rows)[4], A* out, bool accumulate) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    __m256 r[4];
+    for (int i = 0; i < 4; ++i) {
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512 v = rows[i];
+      r[i] = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+#else
+      r[i] = rows[i];
+#endif
+    }
+    // [r0 r1 r2 r3 (lanes 0-3 summed) | r0 r1 r2 r3 (lanes 4-7 summed)]
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    if (accumulate) s = _mm_add_ps(_mm_loadu_ps(out), s);
+    _mm_storeu_ps(out, s);
+    return;
+  }
+#endif
+  for (int i = 0; i < 4; ++i) out[i] = (accumulate ? out[i] : A(0)) + reduce_sum(rows[i]);
+}
+
+// Row sums of a run of consecutive rows: push each row's vector in order; out[i] (+)= the sum of
+// the i-th row's lanes, four rows to a row_sums4, the last 0-3 on flush().
+template <typename A>
+struct RowSums {
+  A* out;
+  bool accumulate;
+  Vectorized<A> rows[4];
+  int n = 0;
+  void push(const Vectorized<A>& row) {
+    rows[n++] = row;
+    if (n == 4) row_sums4(rows, out, accumulate), out += 4, n = 0;
+  }
+  void flush() {
+    for (int i = 0; i < n; ++i) out[i] = (accumulate ? out[i] : A(0)) + reduce_sum(rows[i]);
+    out += n, n = 0;
+  }
+};
+
 template <typename A>
 inline A reduce_max(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::maximum(a, b); }, v);
@@ -177,15 +223,27 @@ inline void for_lanes(int64_t len, const F& f) {
   for (int64_t i = 0; i < len; i += L) f(i, std::min(L, len - i));
 }
 
-// A run of NV vectors starting at column w0 of a row of `len` columns, for loops that keep NV
-// accumulators in registers: each accumulator zeroed, n[v] its lanes (0 past the row's end).
-template <int NV, typename A>
-inline void start_run(int64_t len, int64_t w0, Vectorized<A> (&acc)[NV], int64_t (&n)[NV]) {
+// Column runs for loops that keep one accumulator a vector in registers: calls
+// f(std::integral_constant<int, NF>, std::bool_constant<TAIL>, w0) for runs of NF whole vectors
+// from column w0 (at most 8), the last run with TAIL: one more, partial vector of len % L lanes.
+// The counts are compile-time, so the hot loops carry no per-vector checks (a runtime count cost
+// two tests and two taken jumps a vector).
+template <typename A, int NF = 0, typename F>
+inline void run_of(int64_t full, bool tail, int64_t w0, const F& f) {
+  if constexpr (NF < 8)
+    if (full != NF) return run_of<A, NF + 1>(full, tail, w0, f);
+  if (tail)
+    f(std::integral_constant<int, NF>{}, std::true_type{}, w0);
+  else if constexpr (NF > 0)  // (no run is empty)
+    f(std::integral_constant<int, NF>{}, std::false_type{}, w0);
+}
+
+template <typename A, typename F>
+inline void for_runs(int64_t len, const F& f) {
   constexpr int64_t L = Vectorized<A>::size();
-  for (int v = 0; v < NV; ++v) {
-    acc[v] = Vectorized<A>(0);
-    n[v] = std::clamp<int64_t>(len - w0 - v * L, 0, L);
-  }
+  int64_t w0 = 0;
+  for (; len - w0 >= 9 * L; w0 += 8 * L) f(std::integral_constant<int, 8>{}, std::false_type{}, w0);
+  if (len > w0) run_of<A>((len - w0) / L, (len - w0) % L != 0, w0, f);
 }
 
 // Channels per task in the channels_last passes: the vector loops run along C.

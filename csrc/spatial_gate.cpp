@@ -34,12 +34,14 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
   // (plus a vector of slack: rows are read in whole vectors). z: the conv output, rows of Lv.
   // Lanes past a row's end hold junk: `& keep(l)` clears them wherever they would be summed, a
   // precomputed mask where at::vec's partial loads would rebuild one per call (rows can be 7 long).
-  std::vector<A> padded(G * Lp + Lanes, A(0)), z(G * Lv);
+  // Rows are written as whole vectors in channel order (a partial store goes through a buffer
+  // and a memcpy call): a row's overhang, zeros here and junk in `out`, lands on later rows,
+  // which are written after it; in `out` a store that would pass the group's end is partial.
+  std::vector<A> padded(G * Lp + Lv + Lanes, A(0)), z(G * Lv);
   const V ones = V(0) == V(0), tail = V::set(V(0), ones, L - (Lv - Lanes));
   auto keep = [&](int64_t l) { return l + Lanes <= L ? ones : tail; };
   for (int64_t c = 0; c < G; ++c)
-    for_lanes<A>(L,
-                 [&](int64_t l, int64_t n) { store(padded.data() + c * Lp + pad + l, load(sums + c * L + l, n), n); });
+    for_lanes<A>(L, [&](int64_t l, int64_t n) { load(sums + c * L + l, n).store(padded.data() + c * Lp + pad + l); });
   // The conv is linear: convolve the sums, scale to means once.
   const V inv_count(A(1) / A(br.count));
   V total(0);
@@ -73,9 +75,15 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
     const V scale(rstd * gw[c] * unit), shift(gb[c] * unit);
     const A* zc = z.data() + c * Lv;
     A* a = out + c * L;
+    auto put = [&](int64_t l, int64_t n, const V& v) {
+      if ((c * L + l + Lanes) <= G * L)
+        v.store(a + l);
+      else
+        store(a + l, v, n);
+    };
     auto logits = [&](int64_t l) { return at::vec::fmadd(V::loadu(zc + l) - V(mu), scale, shift); };
     if (!softmax) {
-      for_lanes<A>(L, [&](int64_t l, int64_t n) { store(a + l, V(1) / (V(1) + exp2(logits(l))), n); });
+      for_lanes<A>(L, [&](int64_t l, int64_t n) { put(l, n, V(1) / (V(1) + exp2(logits(l)))); });
       continue;
     }
     V mx(static_cast<A>(kPadScore)), den(0);  // softmax over the length
@@ -84,7 +92,7 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
     auto term = [&](int64_t l) { return exp2((logits(l) - row_max) * log2e); };
     for (int64_t l = 0; l < L; l += Lanes) den += term(l) & keep(l);
     const V inv(A(1) / reduce_sum(den));
-    for_lanes<A>(L, [&](int64_t l, int64_t n) { store(a + l, term(l) * inv, n); });
+    for_lanes<A>(L, [&](int64_t l, int64_t n) { put(l, n, term(l) * inv); });
   }
 }
 

@@ -93,10 +93,12 @@ def test_rank_one_attention(provider, shape, window_size):
     every row must match the fp64 reference logits."""
     ref, fused = pair(dict(dim=512, head_num=2, qkv_bias=True, window_size=window_size), backend="cpp",
                       device="cpu")
+    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        ref.q.weight.copy_(torch.linspace(0, 60, 512).view(512, 1, 1, 1)[torch.randperm(512)])
+        ref.q.weight.copy_(torch.linspace(0, 60, 512).view(512, 1, 1, 1)[torch.randperm(512, generator=g)])
     fused.load_state_dict(ref.state_dict())
-    x = torch.randn(shape, dtype=torch.float64)
+    # fp32-representable, so that the reference sees the kernel's very input
+    x = torch.randn(shape, dtype=torch.float64, generator=g).float().double()
     _, _, _, _, _, y, o = torch.ops.scsa_cpp.forward(*forward_args(fused.float(), x.float()))
     with torch.no_grad():
         y = y.double()
@@ -108,7 +110,9 @@ def test_rank_one_attention(provider, shape, window_size):
     inside = radius <= 3
     assert inside.sum(-1).min() > 10 and (~inside).sum(-1).min() > 10, "rows on both sides in every head"
     err = (o.double() - o_r).abs() / o_r.abs().amax(1, keepdim=True)
-    assert err.view(2, 2, 256)[inside].max() < 1e-6 and err.view(2, 2, 256)[~inside].max() < 1e-6
+    # the exponential rows' scores reach ~100, whose fp32 rounding (~6e-6 absolute in an exponent)
+    # alone moves a logit by ~1e-6: they are held to DESIGN.md's fp32 tolerance
+    assert err.view(2, 2, 256)[inside].max() < 1e-6 and err.view(2, 2, 256)[~inside].max() < 1e-5
 
 
 @pytest.mark.parametrize("threads", [1, 2])
