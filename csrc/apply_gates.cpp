@@ -14,69 +14,79 @@ struct Gates {
   int64_t H, W, kh, kw;
 };
 
-// Planes [begin, end) of the NCHW layout; src is X or g, dst is out or dX. Rows of whole vectors
-// stream one by one. A row of 7, 14 or 28 (every ResNet map) would end in a partial vector, a
-// masked load and a store through a buffer, each row: such planes first lay their gates out as
-// the plane is (mul = a_h a_w, and for dX add = up(dY) mul + dp_h / W + dp_w / H), then stream
-// as one flat run of whole vectors, partial only at the plane's end.
+// Planes [begin, end). Everything the loops read is a local or a by-value argument: vector
+// stores may alias any memory (GCC's unaligned vector types are may_alias), so values read through
+// a lambda's captured references or a std::vector would be reloaded after every store.
 template <typename T, bool kInputGrad>
-void apply_nchw(const T* src, T* dst, const Gates<acc_t<T>>& g, int64_t planes) {
+void apply_planes(const T* src, T* dst, const Gates<acc_t<T>> g, int64_t begin, int64_t end) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
-  const int64_t H = g.H, W = g.W, HW = H * W, ho = H / g.kh, wo = W / g.kw;
+  const int64_t H = g.H, W = g.W, HW = H * W, kh = g.kh, kw = g.kw, ho = H / kh, wo = W / kw;
   const int64_t Wv = (W + L - 1) / L * L;  // rows of the staging buffers, zero padded
   const bool flat = W % L != 0;
-  at::parallel_for(0, planes, grain(HW), [&](int64_t begin, int64_t end) {
-    // col: the column gate (a_w a_c forward, a_w for dX); up: a row of dY spread over its windows.
-    // A gate row is stored as whole vectors; its overhang is overwritten by the next row.
-    std::vector<A> col(Wv, A(0)), up(kInputGrad ? Wv : 0, A(0)), dpw(kInputGrad ? Wv : 0, A(0));
-    std::vector<A> mul(flat ? HW + Wv : 0), add(flat && kInputGrad ? HW + Wv : 0);
-    for (int64_t p = begin; p < end; ++p) {
-      const A a_c = g.ac[p];
-      for (int64_t w = 0; w < W; ++w) {
-        col[w] = kInputGrad ? g.aw[p * W + w] : g.aw[p * W + w] * a_c;
-        if constexpr (kInputGrad) dpw[w] = g.dpw[p * W + w];
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        const V a_h(g.ah[p * H + h]), ac(a_c);
-        V dph(0);
-        if constexpr (kInputGrad) {
-          if (h % g.kh == 0) {
-            std::fill(up.begin(), up.end(), A(0));
-            if (h < ho * g.kh)
-              for (int64_t w = 0; w < wo * g.kw; ++w) up[w] = g.dy[(p * ho + h / g.kh) * wo + w / g.kw];
-          }
-          dph = V(g.dph[p * H + h]);
-        }
-        const T* s = src + (p * H + h) * W;
-        T* d = dst + (p * H + h) * W;
-        for (int64_t w = 0; w < W; w += L) {
-          const V m = a_h * V::loadu(col.data() + w);
-          if (flat) {
-            m.store(mul.data() + h * W + w);
-            if constexpr (kInputGrad)
-              at::vec::fmadd(V::loadu(up.data() + w), m, dph + V::loadu(dpw.data() + w)).store(add.data() + h * W + w);
-          } else if constexpr (kInputGrad) {
-            const V dxs = at::vec::fmadd(load(s + w, L), ac, V::loadu(up.data() + w));
-            store(d + w, at::vec::fmadd(dxs, m, dph + V::loadu(dpw.data() + w)), L);
-          } else {
-            store(d + w, load(s + w, L) * m, L);
-          }
-        }
-      }
-      if (!flat) continue;
-      const T* s = src + p * HW;
-      T* d = dst + p * HW;
-      const V ac(a_c);
-      for_lanes<A>(HW, [&](int64_t i, int64_t n) {
-        if constexpr (kInputGrad)
-          store(d + i, at::vec::fmadd(load(s + i, n), ac * V::loadu(mul.data() + i), V::loadu(add.data() + i)), n);
-        else
-          store(d + i, load(s + i, n) * V::loadu(mul.data() + i), n);
-      });
+  // col: the column gate (a_w a_c forward, a_w for dX); up: a row of dY spread over its windows.
+  // A gate row is stored as whole vectors; its overhang is overwritten by the next row.
+  std::vector<A> buf(Wv * 3 + (flat ? (HW + Wv) * (kInputGrad ? 2 : 1) : 0), A(0));
+  A *const col = buf.data(), *const up = col + Wv, *const dpw = up + Wv, *const mul = dpw + Wv;
+  A* const add = mul + HW + Wv;
+  for (int64_t p = begin; p < end; ++p) {
+    const A a_c = g.ac[p];
+    const V ac(a_c);
+    for (int64_t w = 0; w < W; ++w) {
+      col[w] = kInputGrad ? g.aw[p * W + w] : g.aw[p * W + w] * a_c;
+      if constexpr (kInputGrad) dpw[w] = g.dpw[p * W + w];
     }
-  });
+    for (int64_t h = 0; h < H; ++h) {
+      const V a_h(g.ah[p * H + h]);
+      V dph(0);
+      if constexpr (kInputGrad) {
+        if (h % kh == 0) {
+          std::fill(up, up + Wv, A(0));
+          if (h < ho * kh)
+            for (int64_t w = 0; w < wo * kw; ++w) up[w] = g.dy[(p * ho + h / kh) * wo + w / kw];
+        }
+        dph = V(g.dph[p * H + h]);
+      }
+      const T* s = src + (p * H + h) * W;
+      T* d = dst + (p * H + h) * W;
+      for (int64_t w = 0; w < W; w += L) {
+        const V m = a_h * V::loadu(col + w);
+        if (flat) {
+          m.store(mul + h * W + w);
+          if constexpr (kInputGrad) at::vec::fmadd(V::loadu(up + w), m, dph + V::loadu(dpw + w)).store(add + h * W + w);
+        } else if constexpr (kInputGrad) {
+          const V dxs = at::vec::fmadd(load(s + w, L), ac, V::loadu(up + w));
+          store(d + w, at::vec::fmadd(dxs, m, dph + V::loadu(dpw + w)), L);
+        } else {
+          store(d + w, load(s + w, L) * m, L);
+        }
+      }
+    }
+    if (!flat) continue;
+    const T* s = src + p * HW;
+    T* d = dst + p * HW;
+    auto gated = [&](int64_t i, int64_t n) {
+      if constexpr (kInputGrad)
+        return at::vec::fmadd(load(s + i, n), ac * V::loadu(mul + i), V::loadu(add + i));
+      else
+        return load(s + i, n) * V::loadu(mul + i);
+    };
+    int64_t i = 0;
+    for (; i + L <= HW; i += L) store(d + i, gated(i, L), L);
+    if (i < HW) store(d + i, gated(i, HW - i), HW - i);
+  }
+}
+
+// Planes of the NCHW layout; src is X or g, dst is out or dX. Rows of whole vectors stream one by
+// one. A row of 7, 14 or 28 (every ResNet map) would end in a partial vector, a masked load and a
+// store through a buffer, each row: such planes first lay their gates out as the plane is (mul =
+// a_h a_w, and for dX add = up(dY) mul + dp_h / W + dp_w / H), then stream as one flat run of
+// whole vectors, partial only at the plane's end.
+template <typename T, bool kInputGrad>
+void apply_nchw(const T* src, T* dst, const Gates<acc_t<T>>& g, int64_t planes) {
+  at::parallel_for(0, planes, grain(g.H * g.W),
+                   [&](int64_t begin, int64_t end) { apply_planes<T, kInputGrad>(src, dst, g, begin, end); });
 }
 
 // channels_last: tasks are (sample, channel block, band of rows); gates are staged transposed to

@@ -47,12 +47,7 @@ void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
             if (full) at::vec::fmadd(xv, a_h, V::loadu(v_acc.data() + w)).store(v_acc.data() + w);
           });
           r_sums.push(r);
-          if (full)
-            for (int64_t j = 0; j < wo; ++j) {
-              A u = 0;
-              for (int64_t t = j * kw; t < (j + 1) * kw; ++t) u += xaw[t];
-              U[(p * ho * kh + h) * wo + j] = u;
-            }
+          if (full) window_sums(xaw.data(), U + (p * ho * kh + h) * wo, kw, wo, A(1));
         }
         std::copy(s_acc.begin(), s_acc.begin() + W, S + (p * hc + i) * W);
         if (full) std::copy(v_acc.begin(), v_acc.begin() + wc, Vs + (p * ho + i) * wc);

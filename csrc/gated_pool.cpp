@@ -89,11 +89,7 @@ void gated_pool_nchw(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T
             continue;
           }
 #endif
-        for (int64_t j = 0; j < wo; ++j) {
-          A s = 0;
-          for (int64_t t = j * kw; t < (j + 1) * kw; ++t) s += weighted[t];
-          y[(p * ho + i) * wo + j] = s * inv;
-        }
+        window_sums(weighted.data(), y + (p * ho + i) * wo, kw, wo, inv);
       }
     }
   });

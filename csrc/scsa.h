@@ -124,7 +124,7 @@ inline A reduce_sum(const Vectorized<A>& v) {
 // and adds that a row loop waits on; four rows share one transpose-and-add tree (fp32 on AVX2 and
 // AVX512: 4 hadds, 1 extract, 1 add; AVX512 first folds each row to 8 lanes).
 template <typename A>
-inline void row_sums4(const Vectorized<A> (&rows)[4], A* out, bool accumulate) {
+C10_ALWAYS_INLINE void row_sums4(const Vectorized<A> (&rows)[4], A* out, bool accumulate) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<A, float>) {
     __m256 r[4];
@@ -147,6 +147,35 @@ inline void row_sums4(const Vectorized<A> (&rows)[4], A* out, bool accumulate) {
   for (int i = 0; i < 4; ++i) out[i] = (accumulate ? out[i] : A(0)) + reduce_sum(rows[i]);
 }
 
+// y[j] = scale * sum_{t < kw} row[j * kw + t] for j < wo. With 3 or more windows (fp32, AVX2 and
+// AVX512) each tap is one gather of 8 windows' columns: the scalar loop costs ~8 instructions a
+// column, as much as the vector work on the rows before it.
+template <typename A>
+inline void window_sums(const A* row, A* y, int64_t kw, int64_t wo, A scale) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>)
+    if (wo >= 3) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i col = _mm256_mullo_epi32(lane, _mm256_set1_epi32(int(kw)));
+      for (int64_t j0 = 0; j0 < wo; j0 += 8) {
+        const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(8, wo - j0))), lane);
+        const float* base = row + j0 * kw;
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t t = 0; t < kw; ++t)
+          sum = _mm256_add_ps(
+              sum, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base + t, col, _mm256_castsi256_ps(keep), 4));
+        _mm256_maskstore_ps(y + j0, keep, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
+      }
+      return;
+    }
+#endif
+  for (int64_t j = 0; j < wo; ++j) {
+    A s = 0;
+    for (int64_t t = j * kw; t < (j + 1) * kw; ++t) s += row[t];
+    y[j] = s * scale;
+  }
+}
+
 // Row sums of a run of consecutive rows: push each row's vector in order; out[i] (+)= the sum of
 // the i-th row's lanes, four rows to a row_sums4, the last 0-3 on flush().
 template <typename A>
@@ -155,7 +184,8 @@ struct RowSums {
   bool accumulate;
   Vectorized<A> rows[4];
   int n = 0;
-  void push(const Vectorized<A>& row) {
+  // always inlined: as an outlined call per row it cost more than the reductions it saves
+  C10_ALWAYS_INLINE void push(const Vectorized<A>& row) {
     rows[n++] = row;
     if (n == 4) row_sums4(rows, out, accumulate), out += 4, n = 0;
   }
