@@ -24,7 +24,11 @@ void apply_planes(const T* src, T* dst, const Gates<acc_t<T>> g, int64_t begin, 
   constexpr int64_t L = V::size();
   const int64_t H = g.H, W = g.W, HW = H * W, kh = g.kh, kw = g.kw, ho = H / kh, wo = W / kw;
   const int64_t Wv = (W + L - 1) / L * L;  // rows of the staging buffers, zero padded
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool flat = false;  // AVX512 loads and stores partial vectors natively, under a lane mask
+#else
   const bool flat = W % L != 0;
+#endif
   // col: the column gate (a_w a_c forward, a_w for dX); up: a row of dY spread over its windows.
   // A gate row is stored as whole vectors; its overhang is overwritten by the next row.
   std::vector<A> buf(Wv * 3 + (flat ? (HW + Wv) * (kInputGrad ? 2 : 1) : 0), A(0));
@@ -50,18 +54,24 @@ void apply_planes(const T* src, T* dst, const Gates<acc_t<T>> g, int64_t begin, 
       }
       const T* s = src + (p * H + h) * W;
       T* d = dst + (p * H + h) * W;
-      for (int64_t w = 0; w < W; w += L) {
-        const V m = a_h * V::loadu(col + w);
-        if (flat) {
+      if (flat) {
+        for (int64_t w = 0; w < W; w += L) {
+          const V m = a_h * V::loadu(col + w);
           m.store(mul + h * W + w);
           if constexpr (kInputGrad) at::vec::fmadd(V::loadu(up + w), m, dph + V::loadu(dpw + w)).store(add + h * W + w);
-        } else if constexpr (kInputGrad) {
-          const V dxs = at::vec::fmadd(load(s + w, L), ac, V::loadu(up + w));
-          store(d + w, at::vec::fmadd(dxs, m, dph + V::loadu(dpw + w)), L);
-        } else {
-          store(d + w, load(s + w, L) * m, L);
         }
+        continue;
       }
+      auto gated = [&](int64_t w, int64_t n) {
+        const V m = a_h * V::loadu(col + w);
+        if constexpr (kInputGrad)
+          return at::vec::fmadd(at::vec::fmadd(load(s + w, n), ac, V::loadu(up + w)), m, dph + V::loadu(dpw + w));
+        else
+          return load(s + w, n) * m;
+      };
+      int64_t w = 0;
+      for (; w + L <= W; w += L) store(d + w, gated(w, L), L);
+      if (w < W) store(d + w, gated(w, W - w), W - w);
     }
     if (!flat) continue;
     const T* s = src + p * HW;
