@@ -29,8 +29,9 @@ void apply_planes(const T* src, T* dst, const Gates<acc_t<T>> g, int64_t begin, 
 #else
   const bool flat = W % L != 0;
 #endif
-  // col: the column gate (a_w a_c forward, a_w for dX); up: a row of dY spread over its windows.
-  // A gate row is stored as whole vectors; its overhang is overwritten by the next row.
+  // col: the column gate (a_w a_c forward, a_w for dX); up: a row of dY spread over its windows;
+  // mul, add: a flat plane's gates, each row stored as whole vectors (the overhang is overwritten
+  // by the next row).
   std::vector<A> buf(Wv * 3 + (flat ? (HW + Wv) * (kInputGrad ? 2 : 1) : 0), A(0));
   A *const col = buf.data(), *const up = col + Wv, *const dpw = up + Wv, *const mul = dpw + Wv;
   A* const add = mul + HW + Wv;
@@ -88,9 +89,9 @@ void apply_planes(const T* src, T* dst, const Gates<acc_t<T>> g, int64_t begin, 
   }
 }
 
-// Planes of the NCHW layout; src is X or g, dst is out or dX. Rows of whole vectors stream one by
-// one. A row of 7, 14 or 28 (every ResNet map) would end in a partial vector, a masked load and a
-// store through a buffer, each row: such planes first lay their gates out as the plane is (mul =
+// Planes of the NCHW layout; src is X or g, dst is out or dX, streamed row by row. On AVX2 and
+// DEFAULT a row of 7, 14 or 28 (every ResNet map) would end in a partial vector, a masked load and
+// a store through a buffer, each row: such planes first lay their gates out as the plane is (mul =
 // a_h a_w, and for dX add = up(dY) mul + dp_h / W + dp_w / H), then stream as one flat run of
 // whole vectors, partial only at the plane's end.
 template <typename T, bool kInputGrad>
