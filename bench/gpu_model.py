@@ -199,18 +199,36 @@ def table(results):
     return "\n".join(lines)
 
 
-def host_us(shapes, dtype_name, memory_format, calls=300, repeats=5):
+def _heap_allocations():
+    """Large CPU tensors from glibc's heap: past its mmap threshold (which moves with the process's
+    allocation history) each is an mmap and munmap a call, page faults included, where a GPU run's
+    caching allocator hands a freed block straight back; which shapes crossed it depended on the
+    order they ran in (2x at some). A no-op without glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+def host_us(shapes, dtype_name, memory_format, calls=100, repeats=30):
     """[{shape, forward_us, train_us}]: host time per call of scsa_ops.SCSA(C, backend='triton')
     as a GPU run makes it (the module's checks, dispatch, launchers, allocations), every kernel
     launch stubbed before Triton's own launch path (kernel.run: bench.kernels.LaunchRecorder), on
-    CPU tensors. forward: an inference call; train: forward + backward. Min over `repeats`."""
+    CPU tensors. forward: an inference call; train: forward + backward. Min over `repeats` runs of
+    `calls` calls (the VM's timing swings by 2x: the minimum is what the code costs)."""
     import time
 
+    _heap_allocations()
     provider = triton_provider()[0]
-    resolve_name = backends._resolve_name
-    backends.LOADED[provider.ns] = provider
-    backends._resolve_name = lambda backend, device, fusable: provider.ns  # as on a CUDA device
-    rec = LaunchRecorder(execute=False)
+    triton_for, resolved = backends._triton_for, backends._resolved
+    backends._triton_for = lambda device: (provider, None)  # the provider of a CUDA device
+    backends._resolved = {}
+    rec = LaunchRecorder(execute=False, keep=False)
     out = []
     try:
         for shape in shapes:
@@ -232,18 +250,17 @@ def host_us(shapes, dtype_name, memory_format, calls=300, repeats=5):
                 fn()
                 best = float("inf")
                 for _ in range(repeats):
-                    rec.launches.clear()
-                    rec.grids.clear()
+                    rec.count = 0
                     t0 = time.perf_counter()
                     for _ in range(calls):
                         fn()
                     best = min(best, (time.perf_counter() - t0) / calls * 1e6)
                 row[key] = round(best, 1)
-                row["launches_" + key[:-3]] = len(rec.launches) // calls
+                row["launches_" + key[:-3]] = rec.count // calls
             out.append(row)
     finally:
         rec.restore()
-        backends._resolve_name = resolve_name
+        backends._triton_for, backends._resolved = triton_for, resolved
     return out
 
 

@@ -17,19 +17,24 @@ def all_kernels():
 class LaunchRecorder:
     """Wraps each kernel's `run` (what `kernel[grid](...)` calls) to log (name, args, kwargs);
     with execute=False the kernel body is skipped, so launch configurations of large shapes can
-    be collected without a GPU or the interpreter's cost."""
+    be collected without a GPU or the interpreter's cost. keep=False counts the launches only
+    (`count`): a log would keep every launch's tensors alive, so that each call allocates afresh
+    (on the CPU, an mmap per large tensor) where a GPU run reuses the caching allocator's blocks,
+    which made the host time per call (bench.gpu_model --host) look twice what it is."""
 
-    def __init__(self, monkeypatch=None, execute=True):
-        self.launches, self.grids, self.active, self._restore = [], [], 0, []
+    def __init__(self, monkeypatch=None, execute=True, keep=True):
+        self.launches, self.grids, self.count, self.active, self._restore = [], [], 0, 0, []
         for name, kernel in all_kernels().items():
-            self._wrap(monkeypatch, name, kernel, execute)
+            self._wrap(monkeypatch, name, kernel, execute, keep)
 
-    def _wrap(self, monkeypatch, name, kernel, execute):
+    def _wrap(self, monkeypatch, name, kernel, execute, keep):
         real = kernel.run
 
         def run(*args, grid, warmup, **kwargs):
-            self.launches.append((name, args, kwargs))
-            self.grids.append(grid)
+            self.count += 1
+            if keep:
+                self.launches.append((name, args, kwargs))
+                self.grids.append(grid)
             if not execute:
                 return None
             self.active += 1

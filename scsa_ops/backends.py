@@ -86,9 +86,22 @@ def resolve(backend, device, fusable):
     return None if ns is None else LOADED[ns]
 
 
+_resolved = {}  # (environment variable, backend, device, fusable) -> _decide's answer
+
+
 @torch.compiler.assume_constant_result
 def _resolve_name(backend, device, fusable):
-    backend = env_backend() or backend
+    """The namespace of the provider of a call, decided once per (environment variable, backend,
+    device, fusable): this runs on every call, and the decision may query the GPU."""
+    key = (env_backend(), backend, device, fusable)
+    try:
+        return _resolved[key]
+    except KeyError:
+        ns = _resolved[key] = _decide(key[0] or backend, device, fusable)
+        return ns
+
+
+def _decide(backend, device, fusable):
     if backend == "eager" or not fusable:
         return None
     if backend == "auto":

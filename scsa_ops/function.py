@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import linecache
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import List, Optional
@@ -18,7 +19,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .reference import EPS, forward_parts, window_of
-from .schema import PARAMETER_ARGS, Params, in_param_order
+from .schema import PARAMETER_ARGS, Params, in_param_order, op_params
 
 
 @dataclass(frozen=True)
@@ -42,30 +43,36 @@ def _forward(x, provider, cfg, params):
         return window, provider.forward(x, Params(params), cfg, window, EPS)
 
 
-# Per parameter set, keyed by the id of its first tensor while that tensor lives: the (id, version)
-# of every tensor last checked, and whether all were finite. Reading the answer of a check waits for
-# the GPU, so it runs again only after a parameter was written (its version counter moved) or
-# swapped for another tensor.
+# Per parameter set, keyed by the id of its first tensor while that tensor lives: the ids and
+# versions of the tensors last checked, and whether all were finite. Reading the answer of a check
+# waits for the GPU, so it runs again only after a parameter was written (its version counter
+# moved) or swapped for another tensor. (Writes through `.data` bypass the version counter, as
+# they bypass autograd's own checks.)
 _checked = {}
+_version = operator.attrgetter("_version")
 
 
 def parameters_finite(params):
-    """Whether every tensor of `params` is finite (True while tracing: a graph cannot branch on
-    values)."""
-    if torch.compiler.is_compiling() or is_fake(params[0]):  # fake tensors come all together
+    """Whether every tensor of `params` (a list in schema.OP_ORDER, as both the forward and the
+    backward pass it) is finite (True while tracing: a graph cannot branch on values)."""
+    if torch.compiler.is_compiling():
         return True
-    def check():
-        return bool(torch.stack([t.detach().isfinite().all() for t in params]).all())
-
-    if any(t.is_inference() for t in params):  # no version counter to cache by
-        return check()
-    key, state = id(params[0]), [(id(t), t._version) for t in params]
+    key = id(params[0])
+    try:
+        state = (tuple(map(id, params)), tuple(map(_version, params)))
+    except RuntimeError:  # an inference tensor: no version counter to cache by
+        state = None
     seen = _checked.get(key)
-    if seen is None or seen[0] != state:
+    if state is not None and seen is not None and seen[0] == state:
+        return seen[1]
+    if is_fake(params[0]):  # fake tensors come all together (shape propagation): nothing to read
+        return True
+    finite = bool(torch.stack([t.detach().isfinite().all() for t in params]).all())
+    if state is not None:
         if seen is None:
             weakref.finalize(params[0], _checked.pop, key, None)
-        seen = _checked[key] = (state, check())
-    return seen[1]
+        _checked[key] = (state, finite)
+    return finite
 
 
 def eager_math(x, params, cfg: Config):
@@ -105,7 +112,7 @@ class SCSAFunction(torch.autograd.Function):
                                "penalties, meta-learning); use backend='eager' for this model")
         x, ph, pw, ah, aw, y, o, *params = ctx.saved_tensors
         cfg, provider = ctx.cfg, ctx.provider
-        if not parameters_finite([t for t in params if t is not None]):
+        if not parameters_finite(op_params(params)):
             dx, *grads = _eager_backward(x, params, cfg, g, ctx.needs_input_grad[0])
             return (dx, None, None, *grads)
         with _device_of(x):

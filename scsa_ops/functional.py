@@ -48,8 +48,7 @@ def run(x, params, cfg: Config, backend):
     window_w = window_of(cfg.window_size, *x.shape[2:])[1]
     if provider is None or x.shape[0] == 0 or not provider.fits(x.shape[3], window_w) or _onnx_export():
         return eager_math(x, params, cfg)
-    check_params(params, x)
-    missing = tuple(i for i, t in enumerate(params) if t is None)  # not `None in params`: it compares tensors
+    missing = check_params(params, x)
     if missing and missing != _QKV_BIASES:  # the q/k/v biases the ops take as absent, or something to fill
         params = _fill_missing(params, x.shape[1])
     return fused_scsa(x, params, cfg, provider)
@@ -70,16 +69,22 @@ def module_params(module):
 def check_params(params, x):
     """Every parameter on x's device and floating point, before a kernel reads it: the input check
     looks at one parameter only, and a parameter left on the meta device (a half-loaded module)
-    would otherwise reach a kernel as memory nobody wrote."""
-    for name, t in zip(PARAM_NAMES, params):
+    would otherwise reach a kernel as memory nobody wrote. Returns the indices of the absent ones."""
+    device, missing = x.device, ()
+    for i, t in enumerate(params):
         if t is None:
-            continue
-        if t.device != x.device:
-            hint = (" (a module built on the meta device needs every parameter loaded, e.g. load_state_dict(sd, "
-                    "assign=True) with all keys)" if t.is_meta else "")
-            raise ValueError(f"SCSA: parameter {name!r} is on {t.device} but the input is on {x.device}{hint}")
-        if not t.is_floating_point():
-            raise TypeError(f"SCSA: parameter {name!r} must be floating point, got {t.dtype}")
+            missing += (i,)
+        elif t.device != device or not t.is_floating_point():
+            _raise_param_error(PARAM_NAMES[i], t, x)
+    return missing
+
+
+def _raise_param_error(name, t, x):
+    if t.device != x.device:
+        hint = (" (a module built on the meta device needs every parameter loaded, e.g. load_state_dict(sd, "
+                "assign=True) with all keys)" if t.is_meta else "")
+        raise ValueError(f"SCSA: parameter {name!r} is on {t.device} but the input is on {x.device}{hint}")
+    raise TypeError(f"SCSA: parameter {name!r} must be floating point, got {t.dtype}")
 
 
 def _fill_missing(params, dim):

@@ -62,6 +62,11 @@ OP_ORDER = CONV_WEIGHTS + CONV_BIASES + NORM_H + NORM_W + NORM_C + QKV_WEIGHTS +
 _OP_AT = indices(OP_ORDER)
 
 
+def op_params(params):
+    """The tensors of a list in PARAM_NAMES order, in OP_ORDER, without the absent q/k/v biases."""
+    return [params[i] for i in _OP_AT if params[i] is not None]
+
+
 def in_param_order(op_grads):
     """Gradients in OP_ORDER (without the q/k/v biases if absent) -> a list in PARAM_NAMES order."""
     grads = [None] * len(PARAM_NAMES)

@@ -11,6 +11,12 @@ from scsa_ops import SCSA, backends
 requires_cpu = pytest.mark.skipif(HAS_CUDA, reason="CPU-only dispatch rules")
 
 
+@pytest.fixture(autouse=True)
+def fresh_decisions(monkeypatch):
+    """The tests here change what a provider's loading finds: dispatch decides anew for each."""
+    monkeypatch.setattr(backends, "_resolved", {})
+
+
 def _spy(monkeypatch):
     """Counts SCSAFunction calls, i.e. fused launches of the whole op."""
     calls = []

@@ -109,5 +109,33 @@ class Provider:
         args = p.op_args()
         dx, flat = self._call(1, g, x, *args, *saved, cfg.head_num, *window, cfg.gate == "softmax", eps, input_grad)
         params = [*args[0], *args[1], *[t for t in args[2:] if t is not None]]
-        grads = [piece.view(t.shape).to(t.dtype) for piece, t in zip(flat.split([t.numel() for t in params]), params)]
+        dtype = flat.dtype
+        grads = [piece if t.dtype == dtype else piece.to(t.dtype) for piece, t in zip(_pieces(flat, params), params)]
         return (dx if input_grad else None), grads
+
+
+_layouts = {}  # the parameters' shapes -> [(shape, contiguous strides, offset)] of their pieces
+
+
+def _pieces(flat, params):
+    """flat (every gradient, back to back) as one view per parameter, in its shape: one as_strided
+    each, from a layout computed once per set of shapes (split + view cost three times as much host
+    time, ~3 us a parameter)."""
+    shapes = tuple(t.shape for t in params)
+    try:
+        layout = _layouts[shapes]
+    except (KeyError, TypeError):  # TypeError: symbolic sizes (torch.compile), computed each time
+        layout, offset = [], 0
+        for shape in shapes:
+            strides, step = [], 1
+            for n in reversed(shape):
+                strides.insert(0, step)
+                step *= n
+            layout.append((shape, tuple(strides), offset))
+            offset += step
+        if not torch.compiler.is_compiling():
+            try:
+                _layouts[shapes] = layout
+            except TypeError:
+                pass
+    return [flat.as_strided(shape, strides, offset) for shape, strides, offset in layout]

@@ -14,6 +14,7 @@ from .utils import (
     channel_vector,
     launch,
     lt_block,
+    memo,
     pow2,
     sample_channels,
     tl_dtype,
@@ -93,18 +94,26 @@ def _apply_gates_kernel(
         tl.store(dst + h64 * soh, res.to(out_ptr.dtype.element_ty), mask=m)
 
 
+@memo
+def _config(shape, src_strides, out_strides, dtype, acc, softmax, input_grad):
+    """(grid, launch options) of an apply_gates launch (forward or input gradient)."""
+    B, C, H, W = shape
+    bw = pow2(W)
+    vec = vector_width((W,), dtype.itemsize, src_strides, out_strides)
+    # The input gradient holds twice the tiles: channels_last vectors of 8 fp16 took it to 151 registers.
+    bc, warps = channel_block(bw, C, acc, vec if input_grad else channel_vector(out_strides, dtype, vec))
+    return (B * cdiv(C, bc), cdiv(H, ROWS)), dict(
+        INPUT_GRAD=input_grad, SOFTMAX=softmax, ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw,
+        BLOCK_CS=min(SOFTMAX_BLOCK, pow2(C)), VEC=vec, ACC=tl_dtype(acc), num_warps=warps)
+
+
 def _apply(src, out, ah, aw, o, dy, dph, dpw, window, softmax, input_grad):
     B, C, H, W = out.shape
     kh, kw = window
-    bw = pow2(W)
-    vec = vector_width((W,), out.element_size(), src.stride(), out.stride())
-    # The input gradient holds twice the tiles: channels_last vectors of 8 fp16 took it to 151 registers.
-    bc, warps = channel_block(bw, C, ah.dtype, vec if input_grad else channel_vector(out, vec))
-    launch(_apply_gates_kernel, (B * cdiv(C, bc), cdiv(H, ROWS)),
-        src, out, ah, aw, o, dy, dph, dpw, C, H, W, H // kh, W // kw, kh, kw,
-        *src.stride(), *out.stride(),
-        INPUT_GRAD=input_grad, SOFTMAX=softmax, ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw,
-        BLOCK_CS=min(SOFTMAX_BLOCK, pow2(C)), VEC=vec, ACC=tl_dtype(ah.dtype), num_warps=warps)
+    src_strides, out_strides = src.stride(), out.stride()
+    grid, options = _config(out.shape, src_strides, out_strides, out.dtype, ah.dtype, softmax, input_grad)
+    launch(_apply_gates_kernel, grid, src, out, ah, aw, o, dy, dph, dpw, C, H, W, H // kh, W // kw, kh, kw,
+           *src_strides, *out_strides, **options)
     return out
 
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .apply_gates import _channel_gate
-from .utils import alloc, as_acc, cdiv, launch, lt_block, pow2, tl_dtype
+from .utils import alloc, as_acc, cdiv, launch, lt_block, memo, pow2, tl_dtype
 
 # Elements of Y per step of the GroupNorm(1) statistics sweep (the whole sample, C * N values).
 STATS_BLOCK = 1024
@@ -124,25 +124,31 @@ def _channel_attention_fwd_kernel(
     tl.store(o_ptr + b.to(tl.int64) * C + ci, acc / l_i, mask=i_ok)
 
 
-def channel_attention(y, norm, qkv_weights, qkv_biases, head_num, eps):
-    """Logits o (B, C) of DESIGN.md step 10, in y's dtype."""
-    B, C = y.shape[:2]
-    N = y.shape[2] * y.shape[3]
+@memo
+def _config(B, C, N, dtype, head_num, has_bias):
+    """(grid, launch options) of a channel_attention launch."""
     D = C // head_num
     # tl.dot needs >= 16 per side; 32 keeps three fp32 32x32 tiles (q, k, scores) in registers, with
     # 8 warps: at 4, the variant a 7x7 map under a 7x7 window compiles (N = 1, a constant in the
     # JIT's specialisation) spilled on sm_90. num_stages=1: Y is small and cached, and the software
     # pipeline's extra buffers of the N loop took a detection map (N = 1316) to 144 registers.
-    side = 32 if y.dtype == torch.float32 else 16
+    side = 32 if dtype == torch.float32 else 16
     bi = min(side, max(16, pow2(D)))
     bn = 16 if N <= 16 else side  # = min(side, max(16, pow2(N))), one comparison for compile guards
-    o = alloc((B, C), y.dtype, y.device)
+    return (B, head_num, cdiv(D, bi)), dict(HAS_BIAS=has_bias, BLOCK_I=bi, BLOCK_J=bi, BLOCK_N=bn,
+                                            BLOCK_S=STATS_BLOCK, ACC=tl_dtype(dtype),
+                                            num_warps=8 if side == 32 else 4, num_stages=1)
+
+
+def channel_attention(y, norm, qkv_weights, qkv_biases, head_num, eps):
+    """Logits o (B, C) of DESIGN.md step 10, in y's dtype."""
+    B, C, HO, WO = y.shape
     has_bias = qkv_biases[0] is not None
+    grid, options = _config(B, C, HO * WO, y.dtype, head_num, has_bias)
+    o = alloc((B, C), y.dtype, y.device)
     biases = qkv_biases if has_bias else qkv_weights  # placeholders, never read
-    launch(_channel_attention_fwd_kernel, (B, head_num, cdiv(D, bi)),
-        y, o, *norm, *qkv_weights, *biases, C, N, D, eps,
-        HAS_BIAS=has_bias, BLOCK_I=bi, BLOCK_J=bi, BLOCK_N=bn, BLOCK_S=STATS_BLOCK,
-        ACC=tl_dtype(y.dtype), num_warps=8 if side == 32 else 4, num_stages=1)
+    launch(_channel_attention_fwd_kernel, grid, y, o, *norm, *qkv_weights, *biases, C, HO * WO, C // head_num, eps,
+           **options)
     return o
 
 

@@ -40,10 +40,11 @@ def forward(x: Tensor, conv_weights: list[Tensor], conv_biases: list[Tensor], no
     """The op scsa_triton::forward (schema.SCHEMAS): [out, p_h, p_w, a_h, a_w, Y, o]."""
     norms = ((norm_h_weight, norm_h_bias), (norm_w_weight, norm_w_bias), (norm_c_weight, norm_c_bias))
     qkv_weights, qkv_biases = (q_weight, k_weight, v_weight), (q_bias, k_bias, v_bias)
-    # In schema.PARAM_NAMES order, as the backward checks them: parameters_finite caches its answer
-    # per list, and a list in another order would be checked (a GPU sync) again on every call.
-    params = [t for wb in zip(conv_weights, conv_biases) for t in wb] + [t for n in norms for t in n]
-    params += [*qkv_weights, *[b for b in qkv_biases if b is not None]]
+    # In schema.OP_ORDER, as the backward checks them: parameters_finite caches its answer per
+    # list, and a list in another order would be checked (a GPU sync) again on every call.
+    params = [*conv_weights, *conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_c_weight,
+              norm_c_bias, q_weight, k_weight, v_weight]
+    params += [b for b in qkv_biases if b is not None]
     if not parameters_finite(params):
         return _eager(x, conv_weights, conv_biases, norms, qkv_weights, qkv_biases, head_num, kh, kw, softmax)
     kernel_sizes = [w.shape[-1] for w in conv_weights]

@@ -14,6 +14,7 @@ from .utils import (
     channel_block,
     channel_vector,
     launch,
+    memo,
     pow2,
     row_tile,
     sample_channels,
@@ -56,17 +57,23 @@ def _gated_pool_fwd_kernel(
              mask=c_ok[:, None] & (j < WO)[None, :])
 
 
+@memo
+def _config(shape, strides, dtype, acc, kh, kw):
+    """(grid, launch options) of a gated_pool launch."""
+    B, C, H, W = shape
+    bj, bk = window_tile(W // kw * kw, kw)
+    vec = vector_width((W,), dtype.itemsize, strides)
+    bc, warps = channel_block(row_tile(W, kw), C, acc, channel_vector(strides, dtype, vec))
+    return (B * cdiv(C, bc), H // kh), dict(BLOCK_C=bc, BLOCK_W=pow2(W), BLOCK_J=bj, BLOCK_K=bk, VEC=vec,
+                                            ACC=tl_dtype(acc), num_warps=warps)
+
+
 def gated_pool(x, ah, aw, window):
     """(B, C, H//KH, W//KW) window means of X * a_h * a_w, in a_h's dtype."""
     B, C, H, W = x.shape
     kh, kw = window
-    ho, wo = H // kh, W // kw
-    bj, bk = window_tile(wo * kw, kw)
-    vec = vector_width((W,), x.element_size(), x.stride())
-    bc, warps = channel_block(row_tile(W, kw), C, ah.dtype, channel_vector(x, vec))
-    y = alloc((B, C, ho, wo), ah.dtype, x.device)
-    launch(_gated_pool_fwd_kernel, (B * cdiv(C, bc), ho),
-        x, ah, aw, y, C, H, W, ho, wo, kh, kw, *x.stride(),
-        BLOCK_C=bc, BLOCK_W=pow2(W), BLOCK_J=bj, BLOCK_K=bk, VEC=vec,
-        ACC=tl_dtype(ah.dtype), num_warps=warps)
+    strides = x.stride()
+    grid, options = _config(x.shape, strides, x.dtype, ah.dtype, kh, kw)
+    y = alloc((B, C, H // kh, W // kw), ah.dtype, x.device)
+    launch(_gated_pool_fwd_kernel, grid, x, ah, aw, y, C, H, W, H // kh, W // kw, kh, kw, *strides, **options)
     return y

@@ -14,6 +14,7 @@ from .utils import (
     channel_vector,
     launch,
     lt_block,
+    memo,
     pow2,
     sample_channels,
     tl_dtype,
@@ -51,17 +52,23 @@ def _pool_fwd_kernel(
              mask=c_ok[:, None] & w_ok[None, :])
 
 
+@memo
+def _config(shape, strides, dtype, acc):
+    """(grid, launch options) of a pool launch: one dict lookup for a shape seen before."""
+    B, C, H, W = shape
+    bw = pow2(W)
+    vec = vector_width((W,), dtype.itemsize, strides)
+    bc, warps = channel_block(bw, C, acc, channel_vector(strides, dtype, vec))
+    return (B * cdiv(C, bc), cdiv(H, ROWS)), dict(ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw, VEC=vec, ACC=tl_dtype(acc),
+                                                  num_warps=warps)
+
+
 def pool(x, acc):
     """Row sums (B, C, H) and banded column sums (NBANDS, B, C, W), in `acc` dtype."""
     B, C, H, W = x.shape
-    bw = pow2(W)
-    vec = vector_width((W,), x.element_size(), x.stride())
-    bc, warps = channel_block(bw, C, acc, channel_vector(x, vec))
-    nbands = cdiv(H, ROWS)
+    strides = x.stride()
+    grid, options = _config(x.shape, strides, x.dtype, acc)
     ph = alloc((B, C, H), acc, x.device)
-    pw = alloc((nbands, B, C, W), acc, x.device)
-    launch(_pool_fwd_kernel, (B * cdiv(C, bc), nbands),
-        x, ph, pw, B, C, H, W, *x.stride(),
-        ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw, VEC=vec, ACC=tl_dtype(acc),
-        num_warps=warps)
+    pw = alloc((grid[1], B, C, W), acc, x.device)
+    launch(_pool_fwd_kernel, grid, x, ph, pw, B, C, H, W, *strides, **options)
     return ph, pw

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .apply_gates import _channel_gate
-from .utils import alloc, as_acc, cdiv, launch, pow2, tile_elems, tl_dtype
+from .utils import alloc, as_acc, cdiv, launch, memo, pow2, tile_elems, tl_dtype
 
 
 @triton.jit
@@ -289,23 +289,30 @@ def _spatial_gate_bwd_kernel(
                     BLOCK_W, BLOCK_CS, ACC)
 
 
-def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes, softmax, eps):
-    """Gates a_h (B, C, H), a_w (B, C, W) from the pool kernel's row / banded column sums."""
-    nbands, B, C, W = pw.shape
-    H = ph.shape[2]
+@memo
+def _config(B, C, H, W, acc, kernel_sizes, softmax):
+    """Launch options of a spatial_gate launch (grid (B, 4, 2))."""
     bh, bw = pow2(H), pow2(W)
     # Half a plane kernel's tile: the taps keep up to nine shifted loads of it in flight (this
     # kernel reads kilobytes; occupancy does not matter here, spills would). Warp counts chosen
     # from ptxas reports of sm_80 and sm_90 (bench/aot_compile.py).
-    bg = max(1, min(pow2(C // 4), tile_elems(ph.dtype) // (2 * max(bh, bw))))
+    bg = max(1, min(pow2(C // 4), tile_elems(acc) // (2 * max(bh, bw))))
+    return dict(K0=kernel_sizes[0], K1=kernel_sizes[1], K2=kernel_sizes[2], K3=kernel_sizes[3], SOFTMAX=softmax,
+                BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, ACC=tl_dtype(acc),
+                num_warps=8 if bg > 1 and bg * max(bh, bw) >= 512 else 4)
+
+
+def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes, softmax, eps):
+    """Gates a_h (B, C, H), a_w (B, C, W) from the pool kernel's row / banded column sums."""
+    nbands, B, C, W = pw.shape
+    H = ph.shape[2]
+    options = _config(B, C, H, W, ph.dtype, tuple(kernel_sizes), softmax)
     ah = alloc((B, C, H), ph.dtype, ph.device)
     aw = alloc((B, C, W), ph.dtype, ph.device)
-    convs = [t for wb in zip(conv_weights, conv_biases) for t in wb]
-    launch(_spatial_gate_fwd_kernel, (B, 4, 2),
-        ph, pw, ah, aw, *norm_h, *norm_w, *convs, B, C, H, W, nbands, eps,
-        K0=kernel_sizes[0], K1=kernel_sizes[1], K2=kernel_sizes[2], K3=kernel_sizes[3],
-        SOFTMAX=softmax, BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, ACC=tl_dtype(ph.dtype),
-        num_warps=8 if bg > 1 and bg * max(bh, bw) >= 512 else 4)
+    w0, w1, w2, w3 = conv_weights
+    b0, b1, b2, b3 = conv_biases
+    launch(_spatial_gate_fwd_kernel, (B, 4, 2), ph, pw, ah, aw, *norm_h, *norm_w, w0, b0, w1, b1, w2, b2, w3, b3,
+           B, C, H, W, nbands, eps, **options)
     return ah, aw
 
 

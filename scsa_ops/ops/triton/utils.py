@@ -33,15 +33,17 @@ MAX_REGISTERS = 128
 MAX_ROW = 2048
 
 
-def alloc(shape, dtype, device, memory_format=torch.contiguous_format):
-    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+def alloc(shape, dtype, device):
+    out = torch.empty(shape, dtype=dtype, device=device)
     return out.fill_(float("nan")) if _POISON else out
 
 
 def alloc_like(x):
     """A full-size output in the layout rule of every provider and fake (library.output_format):
-    channels_last for a channels_last input, contiguous for anything else."""
-    return alloc(x.shape, x.dtype, x.device, output_format(x))
+    channels_last for a channels_last input, contiguous for anything else. (empty_like: a third
+    of torch.empty's host time with a memory format.)"""
+    out = torch.empty_like(x, memory_format=output_format(x))
+    return out.fill_(float("nan")) if _POISON else out
 
 
 _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16,
@@ -96,8 +98,8 @@ def launch(kernel, grid, *args, **meta):
     the kernel itself: library.Provider). Interpreted kernels are plain Python that cannot be
     captured (torch hands them back unwrapped): on fake tensors (shape propagation, CPU tests)
     there is nothing to run."""
-    if not is_wrap_triton_enabled():  # eager: what wrap_triton would call, without building its wrapper
-        kernel[grid](*args, **meta, maxnreg=MAX_REGISTERS)
+    if not is_wrap_triton_enabled():  # eager: what kernel[grid](...) and wrap_triton would call
+        kernel.run(*args, grid=grid, warmup=False, maxnreg=MAX_REGISTERS, **meta)
     elif not (INTERPRET and any(is_fake(a) for a in args if isinstance(a, torch.Tensor))):
         wrap_triton(kernel)[grid](*args, **meta, maxnreg=MAX_REGISTERS)
 
@@ -107,11 +109,12 @@ def tile_elems(dtype):
     return MAX_WARPS * 32 * THREAD_BYTES // dtype.itemsize
 
 
-def channel_vector(x, vec):
-    """Elements of x a thread of a forward plane kernel holds side by side, for accesses as wide as
-    the layout allows: `vec` along W (NCHW: vector_width), 16 bytes along C for channels_last (a
-    unit C stride, which the JIT specialises on, with C a multiple of 16 as a rule)."""
-    return 16 // x.element_size() if x.stride(1) == 1 and x.stride(3) != 1 else vec
+def channel_vector(strides, dtype, vec):
+    """Elements of a `dtype` tensor of `strides` a thread of a forward plane kernel holds side by
+    side, for accesses as wide as the layout allows: `vec` along W (NCHW: vector_width), 16 bytes
+    along C for channels_last (a unit C stride, which the JIT specialises on, with C a multiple of
+    16 as a rule)."""
+    return 16 // dtype.itemsize if strides[1] == 1 and strides[3] != 1 else vec
 
 
 @memo
