@@ -31,7 +31,14 @@ def indices(names):
     return tuple(_INDEX[n] for n in names)
 
 
-_GROUPS = [indices(g) for g in (CONV_WEIGHTS, CONV_BIASES, NORM_H, NORM_W, NORM_C, QKV_WEIGHTS, QKV_BIASES)]
+def _as_slice(idx):
+    """A run of evenly spaced indices as a slice (a list slice is one C call; this runs every call)."""
+    step = idx[1] - idx[0] if len(idx) > 1 else 1
+    assert list(idx) == list(range(idx[0], idx[-1] + 1, step)), idx
+    return slice(idx[0], idx[-1] + 1, step)
+
+
+_GROUPS = [_as_slice(indices(g)) for g in (CONV_WEIGHTS, CONV_BIASES, NORM_H, NORM_W, NORM_C, QKV_WEIGHTS, QKV_BIASES)]
 
 
 class Params:
@@ -41,7 +48,7 @@ class Params:
 
     def __init__(self, params):
         self.conv_w, self.conv_b, self.norm_h, self.norm_w, self.norm_c, self.qkv_w, self.qkv_b = (
-            [params[i] for i in group] for group in _GROUPS)
+            params[group] for group in _GROUPS)
 
     def op_args(self):
         """The parameter arguments of the ops, in PARAMETER_ARGS order."""
