@@ -124,18 +124,22 @@ def _pieces(flat, params):
     shapes = tuple(t.shape for t in params)
     try:
         layout = _layouts[shapes]
-    except (KeyError, TypeError):  # TypeError: symbolic sizes (torch.compile), computed each time
-        layout, offset = [], 0
-        for shape in shapes:
-            strides, step = [], 1
-            for n in reversed(shape):
-                strides.insert(0, step)
-                step *= n
-            layout.append((shape, tuple(strides), offset))
-            offset += step
+    except KeyError:
+        layout = _layout(shapes)
         if not torch.compiler.is_compiling():
-            try:
-                _layouts[shapes] = layout
-            except TypeError:
-                pass
+            _layouts[shapes] = layout
+    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) are not hashable
+        layout = _layout(shapes)
     return [flat.as_strided(shape, strides, offset) for shape, strides, offset in layout]
+
+
+def _layout(shapes):
+    layout, offset = [], 0
+    for shape in shapes:
+        strides, step = [], 1
+        for n in reversed(shape):
+            strides.insert(0, step)
+            step *= n
+        layout.append((shape, tuple(strides), offset))
+        offset += step
+    return layout

@@ -20,6 +20,7 @@ from .utils import (
     channel_block,
     launch,
     lt_block,
+    memo,
     pow2,
     row_tile,
     sample_channels,
@@ -80,25 +81,34 @@ def _gate_grads_bwd_kernel(
     tl.store(v_ptr + (bc[:, None] * HO + i) * WV + w[None, :], v_acc, mask=full_row[:, None] & (w < WV)[None, :])
 
 
+@memo
+def _config(shape, g_strides, x_strides, dtype, acc, kh, kw):
+    """(grid, launch options) of a gate_grads launch."""
+    B, C, H, W = shape
+    wo = W // kw
+    bj, bk = window_tile(wo * kw, kw)
+    # Half the usual tile a thread (a quarter for rows of 256 and more) beyond the row's vectors: g,
+    # X, a_w, the S and V accumulators and the regrouped windows are live at once (ptxas, sm_90:
+    # more spilled on detection maps, 100 x 167 and 200 x 334, under the 128-register budget).
+    row = row_tile(W, kw)
+    vec = vector_width((W, wo * kw), dtype.itemsize, g_strides, x_strides)
+    bc, warps = channel_block(row, C, acc, vec, THREAD_BYTES // (4 if row >= 256 else 2))
+    return (B * cdiv(C, bc), cdiv(H, kh)), dict(BLOCK_C=bc, BLOCK_W=pow2(W), BLOCK_J=bj, BLOCK_K=bk, VEC=vec,
+                                                ACC=tl_dtype(acc), num_warps=warps)
+
+
 def gate_grads(g: Tensor, x: Tensor, ah: Tensor, aw: Tensor, kh: int, kw: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The op scsa_triton::gate_grads: R (B,C,H), S (B,C,HC,W), U (B,C,HO*KH,WO), V (B,C,HO,WO*KW)
     as documented above."""
     B, C, H, W = x.shape
     ho, wo, hc = H // kh, W // kw, cdiv(H, kh)
-    bj, bk = window_tile(wo * kw, kw)
     acc = ah.dtype
-    # Half the usual tile a thread (a quarter for rows of 256 and more) beyond the row's vectors: g,
-    # X, a_w, the S and V accumulators and the regrouped windows are live at once (ptxas, sm_90:
-    # more spilled on detection maps, 100 x 167 and 200 x 334, under the 128-register budget).
-    row = row_tile(W, kw)
-    vec = vector_width((W, wo * kw), x.element_size(), g.stride(), x.stride())
-    bc, warps = channel_block(row, C, acc, vec, THREAD_BYTES // (4 if row >= 256 else 2))
+    g_strides, x_strides = g.stride(), x.stride()
+    grid, options = _config(x.shape, g_strides, x_strides, x.dtype, acc, kh, kw)
     r = alloc((B, C, H), acc, x.device)
     s = alloc((B, C, hc, W), acc, x.device)
     u = alloc((B, C, ho * kh, wo), acc, x.device)
     v = alloc((B, C, ho, wo * kw), acc, x.device)
-    launch(_gate_grads_bwd_kernel, (B * cdiv(C, bc), hc),
-        g, x, ah, aw, r, s, u, v, C, H, W, hc, ho, wo, kh, kw, *g.stride(), *x.stride(),
-        BLOCK_C=bc, BLOCK_W=pow2(W), BLOCK_J=bj, BLOCK_K=bk,
-        VEC=vec, ACC=tl_dtype(acc), num_warps=warps)
+    launch(_gate_grads_bwd_kernel, grid, g, x, ah, aw, r, s, u, v, C, H, W, hc, ho, wo, kh, kw, *g_strides, *x_strides,
+           **options)
     return r, s, u, v

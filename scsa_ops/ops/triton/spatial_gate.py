@@ -322,6 +322,20 @@ def padded_taps(k, dtype):
     return not (k == 3 and dtype in (torch.float32, torch.bfloat16))
 
 
+@memo
+def _backward_config(B, C, H, W, acc, kernel_sizes, x_dtype, softmax):
+    """Launch options of a spatial_gate_backward launch (grid (B, 4, 2))."""
+    bh, bw = pow2(H), pow2(W)
+    # As the forward's, but a quarter of the tile for rows of 128 and more (ptxas, sm_90: a 50 x 84
+    # map spilled under the 128-register budget at half).
+    bg = max(1, min(pow2(C // 4), tile_elems(acc) // ((4 if max(bh, bw) >= 128 else 2) * max(bh, bw))))
+    pads = [padded_taps(k, x_dtype) for k in kernel_sizes]
+    return dict(K0=kernel_sizes[0], K1=kernel_sizes[1], K2=kernel_sizes[2], K3=kernel_sizes[3], PAD0=pads[0],
+                PAD1=pads[1], PAD2=pads[2], PAD3=pads[3], SOFTMAX=softmax, BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw,
+                BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(acc),
+                num_warps=8 if bg > 1 and bg * max(bh, bw) >= 512 else 4)
+
+
 def spatial_gate_backward(ph, pw, ah, aw, o, sums, dy, conv_weights, norm_h_weight, norm_w_weight, conv_biases,
                           window, softmax, eps, part, x_dtype):
     """(dL/dp_h / W, dL/dp_w / H) from dL/dY and gate_grads' sums; fills the conv (one set per
@@ -329,20 +343,14 @@ def spatial_gate_backward(ph, pw, ah, aw, o, sums, dy, conv_weights, norm_h_weig
     nbands, B, C, W = pw.shape
     H = ph.shape[2]
     kh, kw = window
-    bh, bw = pow2(H), pow2(W)
     acc = ph.dtype
-    # As the forward's, but a quarter of the tile for rows of 128 and more (ptxas, sm_90: a 50 x 84
-    # map spilled under the 128-register budget at half).
-    bg = max(1, min(pow2(C // 4), tile_elems(acc) // ((4 if max(bh, bw) >= 128 else 2) * max(bh, bw))))
+    options = _backward_config(B, C, H, W, acc, tuple(w.shape[-1] for w in conv_weights), x_dtype, softmax)
     dzh, dzw = alloc((B, C, H), acc, ph.device), alloc((B, C, W), acc, ph.device)
     dph, dpw = alloc((B, C, H), acc, ph.device), alloc((B, C, W), acc, ph.device)
-    ks = [w.shape[-1] for w in conv_weights]
-    pads = [padded_taps(k, x_dtype) for k in ks]
-    convs = [t for wb in zip(conv_weights, conv_biases) for t in wb]
+    w0, w1, w2, w3 = conv_weights
+    b0, b1, b2, b3 = conv_biases
     launch(_spatial_gate_bwd_kernel, (B, 4, 2),
-        ph, pw, ah, aw, o, *sums, dy, dzh, dzw, dph, dpw, part, norm_h_weight, norm_w_weight, *convs,
-        B, C, H, W, H // kh, W // kw, cdiv(H, kh), kh, kw, nbands, part.shape[1], eps,
-        K0=ks[0], K1=ks[1], K2=ks[2], K3=ks[3], PAD0=pads[0], PAD1=pads[1], PAD2=pads[2], PAD3=pads[3],
-        SOFTMAX=softmax, BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(acc),
-        num_warps=8 if bg > 1 and bg * max(bh, bw) >= 512 else 4)
+        ph, pw, ah, aw, o, *sums, dy, dzh, dzw, dph, dpw, part, norm_h_weight, norm_w_weight,
+        w0, b0, w1, b1, w2, b2, w3, b3, B, C, H, W, H // kh, W // kw, cdiv(H, kh), kh, kw, nbands, part.shape[1], eps,
+        **options)
     return dph, dpw
