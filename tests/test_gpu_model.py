@@ -57,3 +57,36 @@ def test_dry_run_small_preset(tmp_path):
         # Only the output / dX pass writes a full-size tensor.
         assert [r["full_size_store_bits"] for r in full] == [None] * (len(full) - 1) + [width]
     assert "| **total** |" in proc.stdout
+
+
+def test_host_time_counts_the_real_launch_path(tmp_path):
+    """--host times the module's calls with the launches stubbed: five launches a forward and ten a
+    forward + backward reach the stub (so only the kernels' own launch path is left out), and the
+    stub keeps no launch's tensors alive (each call's outputs are freed, as on a GPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "host.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_model", "--host", "--preset", "small", "--shape",
+                           "2,16,8,12", "--batch", "1", "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["host"]
+    assert [r["shape"] for r in rows] == [[1, 64, 14, 14], [2, 16, 8, 12]]
+    for r in rows:
+        assert (r["launches_forward"], r["launches_train"]) == (5, 10), r
+        assert 0 < r["forward_us"] < r["train_us"], r
+
+    import gc
+    import weakref
+
+    import torch
+
+    from bench.kernels import LaunchRecorder
+    from scsa_ops.ops.triton.pool import pool
+
+    rec = LaunchRecorder(execute=False, keep=False)
+    try:
+        outs = [weakref.ref(t) for t in pool(torch.randn(1, 16, 8, 8), torch.float32)]
+        gc.collect()
+        assert rec.count == 1 and rec.launches == [] and all(o() is None for o in outs)
+    finally:
+        rec.restore()
