@@ -68,7 +68,8 @@ def pool(x, acc):
     B, C, H, W = x.shape
     strides = x.stride()
     grid, options = _config(x.shape, strides, x.dtype, acc)
+    nbands = grid[1]  # a program per band of ROWS rows
     ph = alloc((B, C, H), acc, x.device)
-    pw = alloc((grid[1], B, C, W), acc, x.device)
+    pw = alloc((nbands, B, C, W), acc, x.device)
     launch(_pool_fwd_kernel, grid, x, ph, pw, B, C, H, W, *strides, **options)
     return ph, pw
