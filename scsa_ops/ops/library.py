@@ -109,6 +109,9 @@ class Provider:
         args = p.op_args()
         dx, flat = self._call(1, g, x, *args, *saved, cfg.head_num, *window, cfg.gate == "softmax", eps, input_grad)
         params = [*args[0], *args[1], *[t for t in args[2:] if t is not None]]
+        dtypes = {t.dtype for t in params}
+        if len(dtypes) == 1 and flat.dtype not in dtypes:  # fp16/bf16 parameters: one conversion, not one each
+            flat = flat.to(dtypes.pop())
         dtype = flat.dtype
         grads = [piece if t.dtype == dtype else piece.to(t.dtype) for piece, t in zip(_pieces(flat, params), params)]
         return (dx if input_grad else None), grads
