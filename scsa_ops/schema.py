@@ -69,6 +69,12 @@ OP_ORDER = CONV_WEIGHTS + CONV_BIASES + NORM_H + NORM_W + NORM_C + QKV_WEIGHTS +
 _OP_AT = indices(OP_ORDER)
 
 
+def op_tensors(conv_weights, conv_biases, *rest):
+    """The ops' parameter arguments (PARAMETER_ARGS order) as one list of tensors, in OP_ORDER,
+    without the absent q/k/v biases."""
+    return [*conv_weights, *conv_biases, *[t for t in rest if t is not None]]
+
+
 def op_params(params):
     """The tensors of a list in PARAM_NAMES order, in OP_ORDER, without the absent q/k/v biases."""
     return [params[i] for i in _OP_AT if params[i] is not None]

@@ -4,6 +4,8 @@
 calls SCSAFunction makes into one namespace of them. The fakes mirror the kernels' output rules:
 csrc/scsa.h `dense` for the layout of full-size outputs, the accumulator dtype for the small ones."""
 
+import functools
+
 import torch
 from torch._library.triton import set_wrap_triton_enabled
 
@@ -19,6 +21,31 @@ def output_format(x):
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def memo(fn):
+    """fn memoised on its arguments: what the host computes per call from shapes alone (launch
+    parameters, the gradients' layout) costs a dict lookup for a shape seen before (host time per
+    call: bench/gpu_model.py --host). The arguments must be ints, tuples of them and dtypes: a
+    tensor as a key would stay alive in the cache (and answer for a later tensor with its id).
+    Not while dynamo traces (the cache's state would change the trace between its
+    restarts; the graph runs no host code anyway); symbolic sizes are unhashable and computed each
+    time."""
+    cache = {}
+
+    @functools.wraps(fn)
+    def cached(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        try:
+            return cache[args]
+        except KeyError:
+            out = cache[args] = fn(*args)
+            return out
+        except TypeError:  # a SymInt
+            return fn(*args)
+
+    return cached
 
 
 def _small(x, *shape):
@@ -49,10 +76,8 @@ def register_fakes(ns):
     def _backward(g, x, conv_weights, conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias,
                   norm_c_weight, norm_c_bias, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, ph, pw, ah, aw, y,
                   o, head_num, kh, kw, softmax, eps, input_grad):
-        params = [*conv_weights, *conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_c_weight,
-                  norm_c_bias, q_weight, k_weight, v_weight]
-        if q_bias is not None:
-            params += [q_bias, k_bias, v_bias]
+        params = schema.op_tensors(conv_weights, conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias,
+                                   norm_c_weight, norm_c_bias, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias)
         dx = _input_grad(g, x, ah, aw, o, None, None, None, kh, kw, softmax) if input_grad else x.new_empty(0)
         return [dx, _small(x, sum(t.numel() for t in params))]
 
@@ -108,7 +133,7 @@ class Provider:
         dtype); saved: the forward's (p_h, p_w, a_h, a_w, Y, o)."""
         args = p.op_args()
         dx, flat = self._call(1, g, x, *args, *saved, cfg.head_num, *window, cfg.gate == "softmax", eps, input_grad)
-        params = [*args[0], *args[1], *[t for t in args[2:] if t is not None]]
+        params = schema.op_tensors(*args)
         dtypes = {t.dtype for t in params}
         if len(dtypes) == 1 and flat.dtype not in dtypes:  # fp16/bf16 parameters: one conversion, not one each
             flat = flat.to(dtypes.pop())
@@ -117,26 +142,16 @@ class Provider:
         return (dx if input_grad else None), grads
 
 
-_layouts = {}  # the parameters' shapes -> [(shape, contiguous strides, offset)] of their pieces
-
-
 def _pieces(flat, params):
     """flat (every gradient, back to back) as one view per parameter, in its shape: one as_strided
-    each, from a layout computed once per set of shapes (split + view cost three times as much host
-    time, ~3 us a parameter)."""
-    shapes = tuple(t.shape for t in params)
-    try:
-        layout = _layouts[shapes]
-    except KeyError:
-        layout = _layout(shapes)
-        if not torch.compiler.is_compiling():
-            _layouts[shapes] = layout
-    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) are not hashable
-        layout = _layout(shapes)
+    each (split + view cost three times as much host time, ~3 us a parameter)."""
+    layout = _layout(tuple(t.shape for t in params))
     return [flat.as_strided(shape, strides, offset) for shape, strides, offset in layout]
 
 
+@memo
 def _layout(shapes):
+    """[(shape, contiguous strides, offset)] of tensors of `shapes` laid back to back."""
     layout, offset = [], 0
     for shape in shapes:
         strides, step = [], 1

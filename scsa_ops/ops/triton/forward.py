@@ -6,6 +6,7 @@ from torch import Tensor
 
 from ...function import parameters_finite
 from ...reference import forward_parts
+from ...schema import op_tensors
 from ..library import acc_dtype
 from .apply_gates import apply_gates
 from .channel_attention import channel_attention
@@ -42,12 +43,10 @@ def forward(x: Tensor, conv_weights: list[Tensor], conv_biases: list[Tensor], no
     qkv_weights, qkv_biases = (q_weight, k_weight, v_weight), (q_bias, k_bias, v_bias)
     # In schema.OP_ORDER, as the backward checks them: parameters_finite caches its answer per
     # list, and a list in another order would be checked (a GPU sync) again on every call.
-    params = [*conv_weights, *conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_c_weight,
-              norm_c_bias, q_weight, k_weight, v_weight]
-    params += [b for b in qkv_biases if b is not None]
+    params = op_tensors(conv_weights, conv_biases, *norms[0], *norms[1], *norms[2], *qkv_weights, *qkv_biases)
     if not parameters_finite(params):
         return _eager(x, conv_weights, conv_biases, norms, qkv_weights, qkv_biases, head_num, kh, kw, softmax)
-    kernel_sizes = [w.shape[-1] for w in conv_weights]
+    kernel_sizes = tuple(w.shape[-1] for w in conv_weights)
     ph, pw = pool(x, acc_dtype(x.dtype))
     ah, aw = spatial_gate(ph, pw, conv_weights, conv_biases, norms[0], norms[1], kernel_sizes, softmax, eps)
     y = gated_pool(x, ah, aw, (kh, kw))

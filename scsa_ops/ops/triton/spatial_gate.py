@@ -289,24 +289,29 @@ def _spatial_gate_bwd_kernel(
                     BLOCK_W, BLOCK_CS, ACC)
 
 
-@memo
-def _config(B, C, H, W, acc, kernel_sizes, softmax):
-    """Launch options of a spatial_gate launch (grid (B, 4, 2))."""
+def _group_options(C, H, W, acc, kernel_sizes, softmax, tile_share):
+    """Launch options both spatial-gate kernels take (grid (B, 4, 2)): a group's channels BLOCK_G
+    at a time, in 1 / tile_share of a plane kernel's tile."""
     bh, bw = pow2(H), pow2(W)
-    # Half a plane kernel's tile: the taps keep up to nine shifted loads of it in flight (this
-    # kernel reads kilobytes; occupancy does not matter here, spills would). Warp counts chosen
-    # from ptxas reports of sm_80 and sm_90 (bench/aot_compile.py).
-    bg = max(1, min(pow2(C // 4), tile_elems(acc) // (2 * max(bh, bw))))
+    bg = max(1, min(pow2(C // 4), tile_elems(acc) // (tile_share * max(bh, bw))))
     return dict(K0=kernel_sizes[0], K1=kernel_sizes[1], K2=kernel_sizes[2], K3=kernel_sizes[3], SOFTMAX=softmax,
                 BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, ACC=tl_dtype(acc),
                 num_warps=8 if bg > 1 and bg * max(bh, bw) >= 512 else 4)
+
+
+@memo
+def _config(C, H, W, acc, kernel_sizes, softmax):
+    # Half a plane kernel's tile: the taps keep up to nine shifted loads of it in flight (this
+    # kernel reads kilobytes; occupancy does not matter here, spills would). Warp counts chosen
+    # from ptxas reports of sm_80 and sm_90 (bench/aot_compile.py).
+    return _group_options(C, H, W, acc, kernel_sizes, softmax, 2)
 
 
 def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes, softmax, eps):
     """Gates a_h (B, C, H), a_w (B, C, W) from the pool kernel's row / banded column sums."""
     nbands, B, C, W = pw.shape
     H = ph.shape[2]
-    options = _config(B, C, H, W, ph.dtype, tuple(kernel_sizes), softmax)
+    options = _config(C, H, W, ph.dtype, kernel_sizes, softmax)
     ah = alloc((B, C, H), ph.dtype, ph.device)
     aw = alloc((B, C, W), ph.dtype, ph.device)
     w0, w1, w2, w3 = conv_weights
@@ -323,17 +328,12 @@ def padded_taps(k, dtype):
 
 
 @memo
-def _backward_config(B, C, H, W, acc, kernel_sizes, x_dtype, softmax):
-    """Launch options of a spatial_gate_backward launch (grid (B, 4, 2))."""
-    bh, bw = pow2(H), pow2(W)
+def _backward_config(C, H, W, acc, kernel_sizes, x_dtype, softmax):
     # As the forward's, but a quarter of the tile for rows of 128 and more (ptxas, sm_90: a 50 x 84
     # map spilled under the 128-register budget at half).
-    bg = max(1, min(pow2(C // 4), tile_elems(acc) // ((4 if max(bh, bw) >= 128 else 2) * max(bh, bw))))
+    options = _group_options(C, H, W, acc, kernel_sizes, softmax, 4 if max(pow2(H), pow2(W)) >= 128 else 2)
     pads = [padded_taps(k, x_dtype) for k in kernel_sizes]
-    return dict(K0=kernel_sizes[0], K1=kernel_sizes[1], K2=kernel_sizes[2], K3=kernel_sizes[3], PAD0=pads[0],
-                PAD1=pads[1], PAD2=pads[2], PAD3=pads[3], SOFTMAX=softmax, BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw,
-                BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(acc),
-                num_warps=8 if bg > 1 and bg * max(bh, bw) >= 512 else 4)
+    return dict(options, PAD0=pads[0], PAD1=pads[1], PAD2=pads[2], PAD3=pads[3], BLOCK_CS=min(1024, pow2(C)))
 
 
 def spatial_gate_backward(ph, pw, ah, aw, o, sums, dy, conv_weights, norm_h_weight, norm_w_weight, conv_biases,
@@ -344,7 +344,7 @@ def spatial_gate_backward(ph, pw, ah, aw, o, sums, dy, conv_weights, norm_h_weig
     H = ph.shape[2]
     kh, kw = window
     acc = ph.dtype
-    options = _backward_config(B, C, H, W, acc, tuple(w.shape[-1] for w in conv_weights), x_dtype, softmax)
+    options = _backward_config(C, H, W, acc, tuple(w.shape[-1] for w in conv_weights), x_dtype, softmax)
     dzh, dzw = alloc((B, C, H), acc, ph.device), alloc((B, C, W), acc, ph.device)
     dph, dpw = alloc((B, C, H), acc, ph.device), alloc((B, C, W), acc, ph.device)
     w0, w1, w2, w3 = conv_weights

@@ -1,5 +1,4 @@
 """Launch heuristics shared by every SCSA Triton kernel (no autotuning: shapes are known up front)."""
-import functools
 import os
 
 import torch
@@ -9,7 +8,7 @@ from torch._library.triton import is_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
-from ..library import output_format
+from ..library import memo, output_format
 
 # Tests set SCSA_OPS_POISON=1 so every output starts as NaN and an element a kernel forgets to
 # write fails loudly; production allocations stay uninitialised (a memset would be a full pass).
@@ -52,30 +51,6 @@ _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float1
 
 def tl_dtype(dtype):
     return _TL_DTYPES[dtype]
-
-
-def memo(fn):
-    """fn memoised on its arguments: the launch parameters of a shape seen before cost a dict
-    lookup (host time per call: bench/gpu_model.py --host). The arguments must be ints, tuples of
-    them and dtypes: a tensor as a key would stay alive in the cache (and answer for a later tensor
-    with its id). Not while dynamo traces (the cache's state would change the trace between its
-    restarts; the graph runs no host code anyway); symbolic sizes are unhashable and computed each
-    time."""
-    cache = {}
-
-    @functools.wraps(fn)
-    def cached(*args):
-        if torch.compiler.is_compiling():
-            return fn(*args)
-        try:
-            return cache[args]
-        except KeyError:
-            out = cache[args] = fn(*args)
-            return out
-        except TypeError:  # a SymInt
-            return fn(*args)
-
-    return cached
 
 
 def cdiv(a, b):
