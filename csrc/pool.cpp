@@ -18,7 +18,7 @@ void plane_sums(const T* plane, acc_t<T>* ph, acc_t<T>* pw, int64_t H, int64_t W
     const int64_t n_tail = W - w0 - NF * L;
     V col[NV];
     for (int v = 0; v < NV; ++v) col[v] = V(0);
-    auto row_sum = [&](int64_t h) {
+    auto sum_of_row = [&](int64_t h) {
       const T* row = plane + h * W + w0;
       V sum(0);
       for (int v = 0; v < NV; ++v) {
@@ -31,10 +31,10 @@ void plane_sums(const T* plane, acc_t<T>* ph, acc_t<T>* pw, int64_t H, int64_t W
     const bool accumulate = w0 > 0;
     int64_t h = 0;
     for (; h + 4 <= H; h += 4) {
-      const V rows[4] = {row_sum(h), row_sum(h + 1), row_sum(h + 2), row_sum(h + 3)};
+      const V rows[4] = {sum_of_row(h), sum_of_row(h + 1), sum_of_row(h + 2), sum_of_row(h + 3)};
       row_sums4(rows, ph + h, accumulate);
     }
-    for (; h < H; ++h) ph[h] = (accumulate ? ph[h] : A(0)) + reduce_sum(row_sum(h));
+    for (; h < H; ++h) row_sum(sum_of_row(h), ph + h, accumulate);
     for (int v = 0; v < NV; ++v) store(pw + w0 + v * L, col[v], v < NF ? L : n_tail);
   });
 }

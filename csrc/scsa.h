@@ -120,6 +120,12 @@ inline A reduce_sum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
 }
 
+// *out (+)= the sum of row's lanes: one row at a time, where row_sums4 takes four.
+template <typename A>
+inline void row_sum(const Vectorized<A>& row, A* out, bool accumulate) {
+  *out = (accumulate ? *out : A(0)) + reduce_sum(row);
+}
+
 // out[r] (+)= the sum of rows[r]'s lanes, r < 4. One reduction per row is a chain of shuffles
 // and adds that a row loop waits on; four rows share one transpose-and-add tree (fp32 on AVX2 and
 // AVX512: 4 hadds, 1 extract, 1 add; AVX512 first folds each row to 8 lanes).
@@ -144,7 +150,7 @@ C10_ALWAYS_INLINE void row_sums4(const Vectorized<A> (&rows)[4], A* out, bool ac
     return;
   }
 #endif
-  for (int i = 0; i < 4; ++i) out[i] = (accumulate ? out[i] : A(0)) + reduce_sum(rows[i]);
+  for (int i = 0; i < 4; ++i) row_sum(rows[i], out + i, accumulate);
 }
 
 // y[j] = scale * sum_{t < kw} row[j * kw + t] for j < wo. (One vgatherdps of 8 windows' columns a
@@ -173,7 +179,7 @@ struct RowSums {
     if (n == 4) row_sums4(rows, out, accumulate), out += 4, n = 0;
   }
   void flush() {
-    for (int i = 0; i < n; ++i) out[i] = (accumulate ? out[i] : A(0)) + reduce_sum(rows[i]);
+    for (int i = 0; i < n; ++i) row_sum(rows[i], out + i, accumulate);
     out += n, n = 0;
   }
 };
