@@ -239,28 +239,29 @@ def host_us(shapes, dtype_name, memory_format, calls=100, repeats=30):
             g = torch.ones_like(x)
             wrt = [xg, *module.parameters()]
 
-            def forward(module=module, x=x):
-                with torch.no_grad():
-                    module(x)
+            def forward(module=module, x=x):  # an inference call (grad mode is off around the timing loop)
+                module(x)
 
             def train(module=module, xg=xg, wrt=wrt, g=g):  # autograd.grad: no .grad accumulation (CPU work)
                 torch.autograd.grad(module(xg), wrt, g)
 
             row = {"shape": list(shape)}
             out.append(row)
-            for key, fn in (("forward_us", forward), ("train_us", train)):
+            for key, fn, grad in (("forward_us", forward, False), ("train_us", train, True)):
                 rec.count = 0
-                fn()
+                with torch.set_grad_enabled(grad):
+                    fn()
                 row["launches_" + key[:-3]] = rec.count
                 row[key] = float("inf")
-                timed.append((row, key, fn))
+                timed.append((row, key, fn, grad))
         # Interleaved: a slow spell of the VM (seconds long) then hits every case alike.
         for _ in range(repeats):
-            for row, key, fn in timed:
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                row[key] = min(row[key], round((time.perf_counter() - t0) / calls * 1e6, 1))
+            for row, key, fn, grad in timed:
+                with torch.set_grad_enabled(grad):
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    row[key] = min(row[key], round((time.perf_counter() - t0) / calls * 1e6, 1))
     finally:
         rec.restore()
         backends._triton_for, backends._resolved = triton_for, resolved

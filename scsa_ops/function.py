@@ -19,7 +19,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .reference import EPS, forward_parts, window_of
-from .schema import PARAMETER_ARGS, Params, in_param_order, op_params
+from .schema import PARAMETER_ARGS, Params, in_param_order, op_args, op_params
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def _forward(x, provider, cfg, params):
     """(pooling window, provider.forward's (out, p_h, p_w, a_h, a_w, Y, o))."""
     window = window_of(cfg.window_size, *x.shape[2:])
     with _device_of(x):
-        return window, provider.forward(x, Params(params), cfg, window, EPS)
+        return window, provider.forward(x, params, cfg, window, EPS)
 
 
 # Per parameter set, keyed by the id of its first tensor while that tensor lives: the ids and
@@ -116,7 +116,7 @@ class SCSAFunction(torch.autograd.Function):
             dx, *grads = _eager_backward(x, params, cfg, g, ctx.needs_input_grad[0])
             return (dx, None, None, *grads)
         with _device_of(x):
-            dx, grads = provider.backward(g, x, Params(params), (ph, pw, ah, aw, y, o), cfg, ctx.window, EPS,
+            dx, grads = provider.backward(g, x, params, (ph, pw, ah, aw, y, o), cfg, ctx.window, EPS,
                                           ctx.needs_input_grad[0])
         return (dx, None, None, *in_param_order(grads))
 
@@ -126,7 +126,7 @@ def forward_op(x, params, cfg: Config, provider):
     (TorchScript, torch.export: neither can serialise a Python autograd.Function)."""
     if torch.jit.is_tracing():
         with _device_of(x):
-            return _traceable_forward(provider.ns)(x, *Params(params).op_args(), cfg.head_num, cfg.window_size,
+            return _traceable_forward(provider.ns)(x, *op_args(params), cfg.head_num, cfg.window_size,
                                                     cfg.gate == "softmax", EPS)
     return _forward(x, provider, cfg, params)[1][0]
 

@@ -74,7 +74,7 @@ def check_params(params, x):
     for i, t in enumerate(params):
         if t is None:
             missing += (i,)
-        elif t.device != device or not t.is_floating_point():
+        elif t.device != device or not t.dtype.is_floating_point:
             _raise_param_error(PARAM_NAMES[i], t, x)
     return missing
 

@@ -50,9 +50,15 @@ class Params:
         self.conv_w, self.conv_b, self.norm_h, self.norm_w, self.norm_c, self.qkv_w, self.qkv_b = (
             params[group] for group in _GROUPS)
 
-    def op_args(self):
-        """The parameter arguments of the ops, in PARAMETER_ARGS order."""
-        return (self.conv_w, self.conv_b, *self.norm_h, *self.norm_w, *self.norm_c, *self.qkv_w, *self.qkv_b)
+
+# After the conv weights and biases, the ops take the parameters in PARAM_NAMES order.
+_CONV_W, _CONV_B, _REST = _GROUPS[0], _GROUPS[1], slice(len(CONV_WEIGHTS + CONV_BIASES), None)
+assert [n for g in _GROUPS[2:] for n in PARAM_NAMES[g]] == list(PARAM_NAMES[_REST])
+
+
+def op_args(params):
+    """The parameter arguments of the ops (PARAMETER_ARGS order) from a list in PARAM_NAMES order."""
+    return (params[_CONV_W], params[_CONV_B], *params[_REST])
 
 
 def shape(name, dim, kernel_sizes):

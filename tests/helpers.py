@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from scsa_ops import SCSA, reference
 from scsa_ops.reference import SCSA as Reference
-from scsa_ops.schema import Params
+from scsa_ops.schema import op_args
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -151,7 +151,7 @@ OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
 def forward_args(module, x):
     """The arguments of the `forward` op (either namespace) for a module's configuration."""
     kh, kw = reference.window_of(module.window_size, *x.shape[2:])
-    return (x, *Params(module.state_dict_params()).op_args(), module.head_num, kh, kw, module.gate_layer == "softmax",
+    return (x, *op_args(module.state_dict_params()), module.head_num, kh, kw, module.gate_layer == "softmax",
             reference.EPS)
 
 

@@ -5,9 +5,10 @@ calls SCSAFunction makes into one namespace of them. The fakes mirror the kernel
 csrc/scsa.h `dense` for the layout of full-size outputs, the accumulator dtype for the small ones."""
 
 import functools
+from math import prod
 
 import torch
-from torch._library.triton import set_wrap_triton_enabled
+from torch._library.triton import is_wrap_triton_enabled, wrap_triton_enabled
 
 from .. import schema
 
@@ -120,18 +121,25 @@ class Provider:
         capturing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
         if self._launchers is None or capturing:
             return self._ops[which](*args)
-        with set_wrap_triton_enabled(False):
+        # torch._library.triton.set_wrap_triton_enabled(False), written out: the context manager
+        # costs four times its flag's own host time.
+        enabled = is_wrap_triton_enabled()
+        wrap_triton_enabled.value = False
+        try:
             return self._launchers[which](*args)
+        finally:
+            wrap_triton_enabled.value = enabled
 
-    def forward(self, x, p, cfg, window, eps):
-        """(out, p_h, p_w, a_h, a_w, Y, o); p: schema.Params."""
-        out, ph, pw, ah, aw, y, o = self._call(0, x, *p.op_args(), cfg.head_num, *window, cfg.gate == "softmax", eps)
+    def forward(self, x, params, cfg, window, eps):
+        """(out, p_h, p_w, a_h, a_w, Y, o); params: a list in schema.PARAM_NAMES order."""
+        out, ph, pw, ah, aw, y, o = self._call(0, x, *schema.op_args(params), cfg.head_num, *window,
+                                               cfg.gate == "softmax", eps)
         return out, ph, pw, ah, aw, y, o
 
-    def backward(self, g, x, p, saved, cfg, window, eps, input_grad):
+    def backward(self, g, x, params, saved, cfg, window, eps, input_grad):
         """(dX or None, the parameters' gradients in schema.OP_ORDER, each in its parameter's shape and
-        dtype); saved: the forward's (p_h, p_w, a_h, a_w, Y, o)."""
-        args = p.op_args()
+        dtype); params as forward's; saved: the forward's (p_h, p_w, a_h, a_w, Y, o)."""
+        args = schema.op_args(params)
         dx, flat = self._call(1, g, x, *args, *saved, cfg.head_num, *window, cfg.gate == "softmax", eps, input_grad)
         params = schema.op_tensors(*args)
         dtypes = {t.dtype for t in params}
@@ -149,15 +157,20 @@ def _pieces(flat, params):
     return [flat.as_strided(shape, strides, offset) for shape, strides, offset in layout]
 
 
+def contiguous_strides(shape):
+    """The strides of a dense (contiguous) tensor of `shape`."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.insert(0, step)
+        step *= n
+    return tuple(strides)
+
+
 @memo
 def _layout(shapes):
     """[(shape, contiguous strides, offset)] of tensors of `shapes` laid back to back."""
     layout, offset = [], 0
     for shape in shapes:
-        strides, step = [], 1
-        for n in reversed(shape):
-            strides.insert(0, step)
-            step *= n
-        layout.append((shape, tuple(strides), offset))
-        offset += step
+        layout.append((shape, contiguous_strides(shape), offset))
+        offset += prod(shape)
     return layout

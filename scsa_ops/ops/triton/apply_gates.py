@@ -15,6 +15,7 @@ from .utils import (
     launch,
     lt_block,
     memo,
+    options,
     pow2,
     sample_channels,
     tl_dtype,
@@ -96,13 +97,14 @@ def _apply_gates_kernel(
 
 @memo
 def _config(shape, src_strides, out_strides, dtype, acc, softmax, input_grad):
-    """(grid, launch options) of an apply_gates launch (forward or input gradient)."""
+    """(grid, launch options) of an apply_gates launch (forward or input gradient); the output is
+    allocated by alloc_like."""
     B, C, H, W = shape
     bw = pow2(W)
     vec = vector_width((W,), dtype.itemsize, src_strides, out_strides)
     # The input gradient holds twice the tiles: channels_last vectors of 8 fp16 took it to 151 registers.
     bc, warps = channel_block(bw, C, acc, vec if input_grad else channel_vector(out_strides, dtype, vec))
-    return (B * cdiv(C, bc), cdiv(H, ROWS)), dict(
+    return (B * cdiv(C, bc), cdiv(H, ROWS)), options(
         INPUT_GRAD=input_grad, SOFTMAX=softmax, ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw,
         BLOCK_CS=min(SOFTMAX_BLOCK, pow2(C)), VEC=vec, ACC=tl_dtype(acc), num_warps=warps)
 
@@ -111,9 +113,9 @@ def _apply(src, out, ah, aw, o, dy, dph, dpw, window, softmax, input_grad):
     B, C, H, W = out.shape
     kh, kw = window
     src_strides, out_strides = src.stride(), out.stride()
-    grid, options = _config(out.shape, src_strides, out_strides, out.dtype, ah.dtype, softmax, input_grad)
-    launch(_apply_gates_kernel, grid, src, out, ah, aw, o, dy, dph, dpw, C, H, W, H // kh, W // kw, kh, kw,
-           *src_strides, *out_strides, **options)
+    grid, opts = _config(out.shape, src_strides, out_strides, out.dtype, ah.dtype, softmax, input_grad)
+    launch(_apply_gates_kernel, grid, opts, src, out, ah, aw, o, dy, dph, dpw, C, H, W, H // kh, W // kw, kh, kw,
+           *src_strides, *out_strides)
     return out
 
 

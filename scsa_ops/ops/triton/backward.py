@@ -11,7 +11,17 @@ from .channel_attention import channel_attention_backward
 from .gate_grads import gate_grads
 from .param_grads import param_grads
 from .spatial_gate import spatial_gate_backward
-from .utils import alloc
+from .utils import alloc, dense, memo
+
+
+@memo
+def _partials(B, C, kernel_sizes, qkv_bias):
+    """(one branch's conv partials, the allocations of the per-sample partials and the gradients).
+    A sample's partials: each branch's conv gradients (summed in param_grads), norm_h, norm_w,
+    norm_c, q/k/v weights, q/k/v biases."""
+    conv_size = C // 4 * (sum(kernel_sizes) + 4)
+    rest = C * (12 if qkv_bias else 9)
+    return conv_size, dense(B, 2 * conv_size + rest), dense(conv_size + rest)
 
 
 def backward(g: Tensor, x: Tensor, conv_weights: list[Tensor], conv_biases: list[Tensor], norm_h_weight: Tensor,
@@ -23,20 +33,16 @@ def backward(g: Tensor, x: Tensor, conv_weights: list[Tensor], conv_biases: list
     """The op scsa_triton::backward (schema.SCHEMAS): [dX (empty unless input_grad), every parameter
     gradient, flat, in schema.OP_ORDER, in the accumulator dtype]."""
     B, C = x.shape[:2]
-    G = C // 4
     acc = ah.dtype
     sums = gate_grads(g, x, ah, aw, kh, kw)
-    # Per-sample partials: each branch's conv gradients (summed in param_grads), norm_h, norm_w,
-    # norm_c, q/k/v weights, q/k/v biases.
-    conv_size = G * (sum(w.shape[-1] for w in conv_weights) + 4)
-    rest = C * (12 if q_bias is not None else 9)
-    part = alloc((B, 2 * conv_size + rest), acc, x.device)
+    conv_size, part_spec, grads_spec = _partials(B, C, tuple([w.shape[-1] for w in conv_weights]), q_bias is not None)
+    part = alloc(part_spec, acc, x.device)
     dy = channel_attention_backward(y, o, sums[0], ah, (norm_c_weight, norm_c_bias), (q_weight, k_weight, v_weight),
                                     (q_bias, k_bias, v_bias), head_num, (kh, kw), softmax, eps, part,
                                     2 * conv_size + 4 * C)
     dph, dpw = spatial_gate_backward(ph, pw, ah, aw, o, sums, dy, conv_weights, norm_h_weight, norm_w_weight,
                                      conv_biases, (kh, kw), softmax, eps, part, x.dtype)
-    grads = param_grads(part, conv_size, alloc((conv_size + rest,), acc, x.device))
+    grads = param_grads(part, conv_size, alloc(grads_spec, acc, x.device))
     dx = input_grad_pass(g, x, ah, aw, o, dy, dph, dpw, kh, kw, softmax) if input_grad else x.new_empty(0)
     return [dx, grads]
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .apply_gates import _channel_gate
-from .utils import alloc, as_acc, cdiv, launch, lt_block, memo, pow2, tl_dtype
+from .utils import alloc, as_acc, cdiv, dense, launch, lt_block, memo, options, pow2, tl_dtype
 
 # Elements of Y per step of the GroupNorm(1) statistics sweep (the whole sample, C * N values).
 STATS_BLOCK = 1024
@@ -126,7 +126,7 @@ def _channel_attention_fwd_kernel(
 
 @memo
 def _config(B, C, N, dtype, head_num, has_bias):
-    """(grid, launch options) of a channel_attention launch."""
+    """(grid, launch options, the output's allocation) of a channel_attention launch."""
     D = C // head_num
     # tl.dot needs >= 16 per side; 32 keeps three fp32 32x32 tiles (q, k, scores) in registers, with
     # 8 warps: at 4, the variant a 7x7 map under a 7x7 window compiles (N = 1, a constant in the
@@ -135,20 +135,20 @@ def _config(B, C, N, dtype, head_num, has_bias):
     side = 32 if dtype == torch.float32 else 16
     bi = min(side, max(16, pow2(D)))
     bn = 16 if N <= 16 else side  # = min(side, max(16, pow2(N))), one comparison for compile guards
-    return (B, head_num, cdiv(D, bi)), dict(HAS_BIAS=has_bias, BLOCK_I=bi, BLOCK_J=bi, BLOCK_N=bn,
-                                            BLOCK_S=STATS_BLOCK, ACC=tl_dtype(dtype),
-                                            num_warps=8 if side == 32 else 4, num_stages=1)
+    return (B, head_num, cdiv(D, bi)), options(HAS_BIAS=has_bias, BLOCK_I=bi, BLOCK_J=bi, BLOCK_N=bn,
+                                               BLOCK_S=STATS_BLOCK, ACC=tl_dtype(dtype),
+                                               num_warps=8 if side == 32 else 4, num_stages=1), dense(B, C)
 
 
 def channel_attention(y, norm, qkv_weights, qkv_biases, head_num, eps):
     """Logits o (B, C) of DESIGN.md step 10, in y's dtype."""
     B, C, HO, WO = y.shape
     has_bias = qkv_biases[0] is not None
-    grid, options = _config(B, C, HO * WO, y.dtype, head_num, has_bias)
-    o = alloc((B, C), y.dtype, y.device)
+    grid, opts, o_spec = _config(B, C, HO * WO, y.dtype, head_num, has_bias)
+    o = alloc(o_spec, y.dtype, y.device)
     biases = qkv_biases if has_bias else qkv_weights  # placeholders, never read
-    launch(_channel_attention_fwd_kernel, grid, y, o, *norm, *qkv_weights, *biases, C, HO * WO, C // head_num, eps,
-           **options)
+    launch(_channel_attention_fwd_kernel, grid, opts, y, o, *norm, *qkv_weights, *biases, C, HO * WO, C // head_num,
+           eps)
     return o
 
 
@@ -365,26 +365,35 @@ def _channel_attention_bwd_kernel(
                       HAS_BIAS, BLOCK_I, BLOCK_N, ACC)
 
 
+@memo
+def _backward_config(B, C, ho, wo, H, acc, has_bias, softmax):
+    """(launch options, the allocations of stats, dQ and dK, dvbar, dY) of the backward launch."""
+    # 16 x 16 tiles (tl.dot's minimum): a step holds an accumulator (dQ or dK) and a score tile with
+    # their operands, which at 32 x 32 spilled (ptxas, sm_90: 255 registers and 2.6 KB of spills);
+    # 8 warps and no software pipelining keep it under 128 registers (4 warps: 144).
+    bi = bn = 16
+    opts = options(HAS_BIAS=has_bias, SOFTMAX=softmax, BLOCK_I=bi, BLOCK_N=bn, BLOCK_S=STATS_BLOCK,
+                   BLOCK_H=min(64, pow2(H)), BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(acc), num_warps=8,
+                   num_stages=1)
+    return opts, (dense(3, B, C), dense(B, C, ho * wo), dense(B, C), dense(B, C, ho, wo))
+
+
 def channel_attention_backward(y, o, r, ah, norm, qkv_weights, qkv_biases, head_num, window, softmax, eps, part,
                                off_c):
     """dL/dY / (KH KW) (B, C, HO, WO) from gate_grads' R; fills the norm_c and q/k/v partials of
     `part` (B, P) at column off_c."""
     B, C, ho, wo = y.shape
     N, D, H = ho * wo, C // head_num, ah.shape[2]
-    # 16 x 16 tiles (tl.dot's minimum): a step holds an accumulator (dQ or dK) and a score tile with
-    # their operands, which at 32 x 32 spilled (ptxas, sm_90: 255 registers and 2.6 KB of spills);
-    # 8 warps and no software pipelining keep it under 128 registers (4 warps: 144).
-    bi = bn = 16
     acc = y.dtype
-    stats = alloc((3, B, C), acc, y.device)
-    dq, dk = alloc((B, C, N), acc, y.device), alloc((B, C, N), acc, y.device)
-    dvbar = alloc((B, C), acc, y.device)
-    dy = alloc((B, C, ho, wo), acc, y.device)
     has_bias = qkv_biases[0] is not None
+    opts, (stats_spec, dq_spec, dvbar_spec, dy_spec) = _backward_config(B, C, ho, wo, H, acc, has_bias, softmax)
+    stats = alloc(stats_spec, acc, y.device)
+    dq, dk = alloc(dq_spec, acc, y.device), alloc(dq_spec, acc, y.device)
+    dvbar = alloc(dvbar_spec, acc, y.device)
+    dy = alloc(dy_spec, acc, y.device)
     biases = qkv_biases if has_bias else qkv_weights  # placeholders, never read
-    launch(_channel_attention_bwd_kernel, (B,),
+    launch(_channel_attention_bwd_kernel, (B,), opts,
         y, o, r, ah, *norm, *qkv_weights, *biases, stats, dq, dk, dvbar, dy, part,
-        B, C, N, D, H, head_num, window[0] * window[1], part.shape[1], off_c, eps,
-        HAS_BIAS=has_bias, SOFTMAX=softmax, BLOCK_I=bi, BLOCK_N=bn, BLOCK_S=STATS_BLOCK,
-        BLOCK_H=min(64, pow2(H)), BLOCK_CS=min(1024, pow2(C)), ACC=tl_dtype(acc), num_warps=8, num_stages=1)
+        B, C, N, D, H, head_num, window[0] * window[1], part.shape[1], off_c, eps)
     return dy
+

@@ -46,7 +46,7 @@ def forward(x: Tensor, conv_weights: list[Tensor], conv_biases: list[Tensor], no
     params = op_tensors(conv_weights, conv_biases, *norms[0], *norms[1], *norms[2], *qkv_weights, *qkv_biases)
     if not parameters_finite(params):
         return _eager(x, conv_weights, conv_biases, norms, qkv_weights, qkv_biases, head_num, kh, kw, softmax)
-    kernel_sizes = tuple(w.shape[-1] for w in conv_weights)
+    kernel_sizes = tuple([w.shape[-1] for w in conv_weights])
     ph, pw = pool(x, acc_dtype(x.dtype))
     ah, aw = spatial_gate(ph, pw, conv_weights, conv_biases, norms[0], norms[1], kernel_sizes, softmax, eps)
     y = gated_pool(x, ah, aw, (kh, kw))

@@ -18,9 +18,11 @@ from .utils import (
     alloc,
     cdiv,
     channel_block,
+    dense,
     launch,
     lt_block,
     memo,
+    options,
     pow2,
     row_tile,
     sample_channels,
@@ -83,7 +85,7 @@ def _gate_grads_bwd_kernel(
 
 @memo
 def _config(shape, g_strides, x_strides, dtype, acc, kh, kw):
-    """(grid, launch options) of a gate_grads launch."""
+    """(grid, launch options, the allocations of R, S, U, V) of a gate_grads launch."""
     B, C, H, W = shape
     wo = W // kw
     bj, bk = window_tile(wo * kw, kw)
@@ -93,8 +95,10 @@ def _config(shape, g_strides, x_strides, dtype, acc, kh, kw):
     row = row_tile(W, kw)
     vec = vector_width((W, wo * kw), dtype.itemsize, g_strides, x_strides)
     bc, warps = channel_block(row, C, acc, vec, THREAD_BYTES // (4 if row >= 256 else 2))
-    return (B * cdiv(C, bc), cdiv(H, kh)), dict(BLOCK_C=bc, BLOCK_W=pow2(W), BLOCK_J=bj, BLOCK_K=bk, VEC=vec,
-                                                ACC=tl_dtype(acc), num_warps=warps)
+    ho, hc = H // kh, cdiv(H, kh)
+    return ((B * cdiv(C, bc), hc), options(BLOCK_C=bc, BLOCK_W=pow2(W), BLOCK_J=bj, BLOCK_K=bk, VEC=vec,
+                                           ACC=tl_dtype(acc), num_warps=warps),
+            (dense(B, C, H), dense(B, C, hc, W), dense(B, C, ho * kh, wo), dense(B, C, ho, wo * kw)))
 
 
 def gate_grads(g: Tensor, x: Tensor, ah: Tensor, aw: Tensor, kh: int, kw: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -104,11 +108,8 @@ def gate_grads(g: Tensor, x: Tensor, ah: Tensor, aw: Tensor, kh: int, kw: int) -
     ho, wo, hc = H // kh, W // kw, cdiv(H, kh)
     acc = ah.dtype
     g_strides, x_strides = g.stride(), x.stride()
-    grid, options = _config(x.shape, g_strides, x_strides, x.dtype, acc, kh, kw)
-    r = alloc((B, C, H), acc, x.device)
-    s = alloc((B, C, hc, W), acc, x.device)
-    u = alloc((B, C, ho * kh, wo), acc, x.device)
-    v = alloc((B, C, ho, wo * kw), acc, x.device)
-    launch(_gate_grads_bwd_kernel, grid, g, x, ah, aw, r, s, u, v, C, H, W, hc, ho, wo, kh, kw, *g_strides, *x_strides,
-           **options)
+    grid, opts, specs = _config(x.shape, g_strides, x_strides, x.dtype, acc, kh, kw)
+    r, s, u, v = [alloc(spec, acc, x.device) for spec in specs]
+    launch(_gate_grads_bwd_kernel, grid, opts, g, x, ah, aw, r, s, u, v, C, H, W, hc, ho, wo, kh, kw, *g_strides,
+           *x_strides)
     return r, s, u, v

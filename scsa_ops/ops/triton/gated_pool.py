@@ -13,8 +13,10 @@ from .utils import (
     cdiv,
     channel_block,
     channel_vector,
+    dense,
     launch,
     memo,
+    options,
     pow2,
     row_tile,
     sample_channels,
@@ -59,13 +61,13 @@ def _gated_pool_fwd_kernel(
 
 @memo
 def _config(shape, strides, dtype, acc, kh, kw):
-    """(grid, launch options) of a gated_pool launch."""
+    """(grid, launch options, the output's allocation) of a gated_pool launch."""
     B, C, H, W = shape
     bj, bk = window_tile(W // kw * kw, kw)
     vec = vector_width((W,), dtype.itemsize, strides)
     bc, warps = channel_block(row_tile(W, kw), C, acc, channel_vector(strides, dtype, vec))
-    return (B * cdiv(C, bc), H // kh), dict(BLOCK_C=bc, BLOCK_W=pow2(W), BLOCK_J=bj, BLOCK_K=bk, VEC=vec,
-                                            ACC=tl_dtype(acc), num_warps=warps)
+    return ((B * cdiv(C, bc), H // kh), options(BLOCK_C=bc, BLOCK_W=pow2(W), BLOCK_J=bj, BLOCK_K=bk, VEC=vec,
+                                                ACC=tl_dtype(acc), num_warps=warps), dense(B, C, H // kh, W // kw))
 
 
 def gated_pool(x, ah, aw, window):
@@ -73,7 +75,7 @@ def gated_pool(x, ah, aw, window):
     B, C, H, W = x.shape
     kh, kw = window
     strides = x.stride()
-    grid, options = _config(x.shape, strides, x.dtype, ah.dtype, kh, kw)
-    y = alloc((B, C, H // kh, W // kw), ah.dtype, x.device)
-    launch(_gated_pool_fwd_kernel, grid, x, ah, aw, y, C, H, W, H // kh, W // kw, kh, kw, *strides, **options)
+    grid, opts, y_spec = _config(x.shape, strides, x.dtype, ah.dtype, kh, kw)
+    y = alloc(y_spec, ah.dtype, x.device)
+    launch(_gated_pool_fwd_kernel, grid, opts, x, ah, aw, y, C, H, W, H // kh, W // kw, kh, kw, *strides)
     return y

@@ -4,7 +4,7 @@ once per branch (the H and W branches share the four convs); they are added here
 import triton
 import triton.language as tl
 
-from .utils import cdiv, launch, tl_dtype
+from .utils import cdiv, launch, memo, options, tl_dtype
 
 BLOCK = 1024  # gradient elements per program
 
@@ -28,8 +28,14 @@ def _param_grads_kernel(
     tl.store(out_ptr + k, acc, mask=ok)
 
 
+@memo
+def _config(P, conv_size, acc):
+    """(grid, launch options) of a param_grads launch."""
+    return (cdiv(P - conv_size, BLOCK),), options(BLOCK=BLOCK, ACC=tl_dtype(acc), num_warps=4)
+
+
 def param_grads(part, conv_size, out):
     B, P = part.shape
-    launch(_param_grads_kernel, (cdiv(P - conv_size, BLOCK),), part, out, B, P, conv_size,
-           BLOCK=BLOCK, ACC=tl_dtype(part.dtype), num_warps=4)
+    grid, opts = _config(P, conv_size, part.dtype)
+    launch(_param_grads_kernel, grid, opts, part, out, B, P, conv_size)
     return out

@@ -12,9 +12,11 @@ from .utils import (
     cdiv,
     channel_block,
     channel_vector,
+    dense,
     launch,
     lt_block,
     memo,
+    options,
     pow2,
     sample_channels,
     tl_dtype,
@@ -54,22 +56,22 @@ def _pool_fwd_kernel(
 
 @memo
 def _config(shape, strides, dtype, acc):
-    """(grid, launch options) of a pool launch: one dict lookup for a shape seen before."""
+    """(grid, launch options, the outputs' allocations) of a pool launch: one dict lookup for a
+    shape seen before."""
     B, C, H, W = shape
     bw = pow2(W)
     vec = vector_width((W,), dtype.itemsize, strides)
     bc, warps = channel_block(bw, C, acc, channel_vector(strides, dtype, vec))
-    return (B * cdiv(C, bc), cdiv(H, ROWS)), dict(ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw, VEC=vec, ACC=tl_dtype(acc),
-                                                  num_warps=warps)
+    nbands = cdiv(H, ROWS)  # a program per band of ROWS rows
+    return ((B * cdiv(C, bc), nbands), options(ROWS=ROWS, BLOCK_C=bc, BLOCK_W=bw, VEC=vec, ACC=tl_dtype(acc),
+                                               num_warps=warps), (dense(B, C, H), dense(nbands, B, C, W)))
 
 
 def pool(x, acc):
     """Row sums (B, C, H) and banded column sums (NBANDS, B, C, W), in `acc` dtype."""
     B, C, H, W = x.shape
     strides = x.stride()
-    grid, options = _config(x.shape, strides, x.dtype, acc)
-    nbands = grid[1]  # a program per band of ROWS rows
-    ph = alloc((B, C, H), acc, x.device)
-    pw = alloc((nbands, B, C, W), acc, x.device)
-    launch(_pool_fwd_kernel, grid, x, ph, pw, B, C, H, W, *strides, **options)
+    grid, opts, (ph_spec, pw_spec) = _config(x.shape, strides, x.dtype, acc)
+    ph, pw = alloc(ph_spec, acc, x.device), alloc(pw_spec, acc, x.device)
+    launch(_pool_fwd_kernel, grid, opts, x, ph, pw, B, C, H, W, *strides)
     return ph, pw

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .apply_gates import _channel_gate
-from .utils import alloc, as_acc, cdiv, launch, memo, pow2, tile_elems, tl_dtype
+from .utils import alloc, as_acc, cdiv, dense, launch, memo, options, pow2, tile_elems, tl_dtype
 
 
 @triton.jit
@@ -300,24 +300,24 @@ def _group_options(C, H, W, acc, kernel_sizes, softmax, tile_share):
 
 
 @memo
-def _config(C, H, W, acc, kernel_sizes, softmax):
+def _config(B, C, H, W, acc, kernel_sizes, softmax):
+    """(launch options, the allocations of a_h and a_w)."""
     # Half a plane kernel's tile: the taps keep up to nine shifted loads of it in flight (this
     # kernel reads kilobytes; occupancy does not matter here, spills would). Warp counts chosen
     # from ptxas reports of sm_80 and sm_90 (bench/aot_compile.py).
-    return _group_options(C, H, W, acc, kernel_sizes, softmax, 2)
+    return options(**_group_options(C, H, W, acc, kernel_sizes, softmax, 2)), (dense(B, C, H), dense(B, C, W))
 
 
 def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes, softmax, eps):
     """Gates a_h (B, C, H), a_w (B, C, W) from the pool kernel's row / banded column sums."""
     nbands, B, C, W = pw.shape
     H = ph.shape[2]
-    options = _config(C, H, W, ph.dtype, kernel_sizes, softmax)
-    ah = alloc((B, C, H), ph.dtype, ph.device)
-    aw = alloc((B, C, W), ph.dtype, ph.device)
+    opts, (ah_spec, aw_spec) = _config(B, C, H, W, ph.dtype, kernel_sizes, softmax)
+    ah, aw = alloc(ah_spec, ph.dtype, ph.device), alloc(aw_spec, ph.dtype, ph.device)
     w0, w1, w2, w3 = conv_weights
     b0, b1, b2, b3 = conv_biases
-    launch(_spatial_gate_fwd_kernel, (B, 4, 2), ph, pw, ah, aw, *norm_h, *norm_w, w0, b0, w1, b1, w2, b2, w3, b3,
-           B, C, H, W, nbands, eps, **options)
+    launch(_spatial_gate_fwd_kernel, (B, 4, 2), opts, ph, pw, ah, aw, *norm_h, *norm_w, w0, b0, w1, b1, w2, b2, w3,
+           b3, B, C, H, W, nbands, eps)
     return ah, aw
 
 
@@ -328,12 +328,14 @@ def padded_taps(k, dtype):
 
 
 @memo
-def _backward_config(C, H, W, acc, kernel_sizes, x_dtype, softmax):
+def _backward_config(B, C, H, W, acc, kernel_sizes, x_dtype, softmax):
+    """(launch options, the allocations of dz_h and dL/dp_h, dz_w and dL/dp_w)."""
     # As the forward's, but a quarter of the tile for rows of 128 and more (ptxas, sm_90: a 50 x 84
     # map spilled under the 128-register budget at half).
-    options = _group_options(C, H, W, acc, kernel_sizes, softmax, 4 if max(pow2(H), pow2(W)) >= 128 else 2)
+    group = _group_options(C, H, W, acc, kernel_sizes, softmax, 4 if max(pow2(H), pow2(W)) >= 128 else 2)
     pads = [padded_taps(k, x_dtype) for k in kernel_sizes]
-    return dict(options, PAD0=pads[0], PAD1=pads[1], PAD2=pads[2], PAD3=pads[3], BLOCK_CS=min(1024, pow2(C)))
+    opts = options(**group, PAD0=pads[0], PAD1=pads[1], PAD2=pads[2], PAD3=pads[3], BLOCK_CS=min(1024, pow2(C)))
+    return opts, (dense(B, C, H), dense(B, C, W))
 
 
 def spatial_gate_backward(ph, pw, ah, aw, o, sums, dy, conv_weights, norm_h_weight, norm_w_weight, conv_biases,
@@ -344,13 +346,13 @@ def spatial_gate_backward(ph, pw, ah, aw, o, sums, dy, conv_weights, norm_h_weig
     H = ph.shape[2]
     kh, kw = window
     acc = ph.dtype
-    options = _backward_config(C, H, W, acc, tuple(w.shape[-1] for w in conv_weights), x_dtype, softmax)
-    dzh, dzw = alloc((B, C, H), acc, ph.device), alloc((B, C, W), acc, ph.device)
-    dph, dpw = alloc((B, C, H), acc, ph.device), alloc((B, C, W), acc, ph.device)
+    opts, (h_spec, w_spec) = _backward_config(B, C, H, W, acc, tuple([w.shape[-1] for w in conv_weights]), x_dtype,
+                                              softmax)
+    dzh, dzw = alloc(h_spec, acc, ph.device), alloc(w_spec, acc, ph.device)
+    dph, dpw = alloc(h_spec, acc, ph.device), alloc(w_spec, acc, ph.device)
     w0, w1, w2, w3 = conv_weights
     b0, b1, b2, b3 = conv_biases
-    launch(_spatial_gate_bwd_kernel, (B, 4, 2),
+    launch(_spatial_gate_bwd_kernel, (B, 4, 2), opts,
         ph, pw, ah, aw, o, *sums, dy, dzh, dzw, dph, dpw, part, norm_h_weight, norm_w_weight,
-        w0, b0, w1, b1, w2, b2, w3, b3, B, C, H, W, H // kh, W // kw, cdiv(H, kh), kh, kw, nbands, part.shape[1], eps,
-        **options)
+        w0, b0, w1, b1, w2, b2, w3, b3, B, C, H, W, H // kh, W // kw, cdiv(H, kh), kh, kw, nbands, part.shape[1], eps)
     return dph, dpw

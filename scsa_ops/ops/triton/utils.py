@@ -8,7 +8,7 @@ from torch._library.triton import is_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
-from ..library import memo, output_format
+from ..library import contiguous_strides, memo, output_format
 
 # Tests set SCSA_OPS_POISON=1 so every output starts as NaN and an element a kernel forgets to
 # write fails loudly; production allocations stay uninitialised (a memset would be a full pass).
@@ -32,8 +32,15 @@ MAX_REGISTERS = 128
 MAX_ROW = 2048
 
 
-def alloc(shape, dtype, device):
-    out = torch.empty(shape, dtype=dtype, device=device)
+def dense(*shape):
+    """An output's allocation: (shape, contiguous strides), computed once per shape in a launcher's
+    memoised _config (torch.empty_strided costs two thirds of torch.empty's host time)."""
+    return shape, contiguous_strides(shape)
+
+
+def alloc(spec, dtype, device):
+    """A new tensor of `spec` (dense) and `dtype` on `device`."""
+    out = torch.empty_strided(*spec, dtype=dtype, device=device)
     return out.fill_(float("nan")) if _POISON else out
 
 
@@ -67,16 +74,22 @@ def pow2(n):
     return p
 
 
-def launch(kernel, grid, *args, **meta):
-    """kernel[grid](*args, **meta, maxnreg=MAX_REGISTERS) through torch.library.wrap_triton, so
+def options(**meta):
+    """A launch's keyword arguments (constexprs, num_warps, ...) with the register budget; built
+    once per shape in a launcher's memoised _config."""
+    return dict(meta, maxnreg=MAX_REGISTERS)
+
+
+def launch(kernel, grid, opts, *args):
+    """kernel[grid](*args, **opts) (opts: from `options`) through torch.library.wrap_triton, so
     torch.compile and torch.export capture it (in eager mode wrap_triton is switched off and calls
     the kernel itself: library.Provider). Interpreted kernels are plain Python that cannot be
     captured (torch hands them back unwrapped): on fake tensors (shape propagation, CPU tests)
     there is nothing to run."""
     if not is_wrap_triton_enabled():  # eager: what kernel[grid](...) and wrap_triton would call
-        kernel.run(*args, grid=grid, warmup=False, maxnreg=MAX_REGISTERS, **meta)
+        kernel.run(*args, grid=grid, warmup=False, **opts)
     elif not (INTERPRET and any(is_fake(a) for a in args if isinstance(a, torch.Tensor))):
-        wrap_triton(kernel)[grid](*args, **meta, maxnreg=MAX_REGISTERS)
+        wrap_triton(kernel)[grid](*args, **opts)
 
 
 def tile_elems(dtype):
