@@ -43,13 +43,17 @@ def _forward(x, provider, cfg, params):
         return window, provider.forward(x, params, cfg, window, EPS)
 
 
-# Per parameter set, keyed by the id of its first tensor while that tensor lives: the ids and
-# versions of the tensors last checked, and whether all were finite. Reading the answer of a check
-# waits for the GPU, so it runs again only after a parameter was written (its version counter
-# moved) or swapped for another tensor. (Writes through `.data` bypass the version counter, as
-# they bypass autograd's own checks.)
+# Per parameter set, keyed by the id of its first tensor while that tensor lives: the ids, versions
+# and data pointers of the tensors last checked, and whether all were finite. Reading the answer of
+# a check waits for the GPU, so it runs again only after a parameter was written (its version
+# counter moved) or swapped for another tensor, or given new memory through `.data` (nn.Module.to
+# and .float() / .half() convert so, keeping each tensor and its version: 1e300 in fp64 is Inf in
+# fp32). The checked tensors' storages stay referenced beside the answer, so a data pointer seen
+# again is the same memory, not a new storage at a freed address. (In-place writes through `.data`
+# bypass the version counter, as they bypass autograd's own checks.)
 _checked = {}
 _version = operator.attrgetter("_version")
+_data_ptr = torch.Tensor.data_ptr
 
 
 def parameters_finite(params):
@@ -59,8 +63,8 @@ def parameters_finite(params):
         return True
     key = id(params[0])
     try:
-        state = (tuple(map(id, params)), tuple(map(_version, params)))
-    except RuntimeError:  # an inference tensor: no version counter to cache by
+        state = (tuple(map(id, params)), tuple(map(_version, params)), tuple(map(_data_ptr, params)))
+    except RuntimeError:  # an inference tensor (no version counter) or one without storage: not cached
         state = None
     seen = _checked.get(key)
     if state is not None and seen is not None and seen[0] == state:
@@ -71,7 +75,7 @@ def parameters_finite(params):
     if state is not None:
         if seen is None:
             weakref.finalize(params[0], _checked.pop, key, None)
-        _checked[key] = (state, finite)
+        _checked[key] = (state, finite, [t.untyped_storage() for t in params])
     return finite
 
 

@@ -35,7 +35,7 @@ class SCSA(ReferenceSCSA):
                 and not (self.training and self.attn_drop_ratio > 0))
 
     def forward(self, x):
-        check_input(x, self.dim, self.window_size, self.norm.weight.device)
+        check_input(x, self.dim, self.window_size, self.param_device())
         if self.fusable():
             return functional.run(x, self.state_dict_params(), self.config, self.backend)
         backends.env_backend()  # the environment variable is checked on every call, fused or not

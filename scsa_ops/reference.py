@@ -182,8 +182,14 @@ class SCSA(nn.Module):
     def convs(self):
         return [getattr(self, n) for n in CONVS]
 
+    def param_device(self):
+        """Where the parameters are (nn.Module.to moves them together): the GroupNorm's weight, or
+        any parameter where that was removed (register_parameter(name, None): a weight of one)."""
+        w = self.norm.weight
+        return next(self.parameters()).device if w is None else w.device
+
     def forward(self, x):
-        check_input(x, self.dim, self.window_size, self.norm.weight.device)
+        check_input(x, self.dim, self.window_size, self.param_device())
         return self.eager_forward(x)
 
     def eager_forward(self, x):

@@ -9,7 +9,8 @@ import torch
 
 from helpers import eager_and_fused, forward_backward, nonfinite_mismatches
 from scsa_ops import SCSA
-from scsa_ops.schema import PARAM_NAMES
+from scsa_ops.function import parameters_finite
+from scsa_ops.schema import PARAM_NAMES, op_params
 
 NONFINITE = [float("nan"), float("inf"), float("-inf")]
 # (config, input shape): a map with several windows (N > 1), and one window (the rank-one attention)
@@ -54,6 +55,25 @@ def test_nonfinite_parameter(name, value, fused_on):
             m.get_parameter(name).view(-1)[1] = 0.5
     out = fused(x)
     assert out.isfinite().all() and torch.allclose(out, eager(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["norm_h.weight", "global_dwc_m.bias", "norm.bias", "v.weight"])
+def test_parameter_overflowing_in_a_dtype_conversion(name, fused_on):
+    """module.float() converts the parameters through `.data`, which keeps each tensor and its version
+    counter: a parameter of 1e300, finite in fp64, is Inf in fp32, and the finiteness check the
+    Triton forward and the backward cache must see it (they cached "finite" by id and version)."""
+    cfg, shape = CASES[0]
+    eager, fused = eager_and_fused(cfg, *fused_on, torch.float64)
+    for m in (eager, fused):
+        with torch.no_grad():
+            m.get_parameter(name).view(-1)[1] = 1e300
+    x, go = _inputs(shape, torch.float64, fused_on[1])
+    forward_backward(fused, x, go)  # every parameter finite: the fused path, its answer cached
+    eager, fused = eager.float(), fused.float()
+    assert fused.get_parameter(name).isinf().any()
+    assert not parameters_finite(op_params(fused.state_dict_params()))
+    x, go = x.float(), go.float()
+    assert not nonfinite_mismatches(forward_backward(fused, x, go), forward_backward(eager, x, go))
 
 
 @pytest.mark.parametrize("weight", [1.05e38, 1.1e38, 1.2e38])
@@ -108,6 +128,11 @@ def test_missing_biases_act_as_zero(fused_on):
     expected, actual = forward_backward(eager, x, go), forward_backward(fused, x, go)
     for (what, a), (_, e) in zip(actual, expected):
         assert (a - e).abs().max() <= 1e-10 * e.abs().max().clamp_min(1), what
+    # Without the channel GroupNorm's weight (torch's group_norm has no backward for that with a bias).
+    for m in (eager, fused):
+        m.norm.register_parameter("weight", None)
+    with torch.no_grad():
+        assert (fused(x) - eager(x)).abs().max() <= 1e-10
     m = SCSA(16, backend=fused_on[0]).to(fused_on[1])
     m.q.register_parameter("weight", None)
     with pytest.raises(ValueError, match="'q.weight' is None"):
