@@ -62,20 +62,21 @@ def parameters_finite(params):
     if torch.compiler.is_compiling():
         return True
     key = id(params[0])
-    try:
-        state = (tuple(map(id, params)), tuple(map(_version, params)), tuple(map(_data_ptr, params)))
-    except RuntimeError:  # an inference tensor (no version counter) or one without storage: not cached
-        state = None
     seen = _checked.get(key)
-    if state is not None and seen is not None and seen[0] == state:
-        return seen[1]
+    try:
+        tensors = (tuple(map(id, params)), tuple(map(_version, params)))
+    except RuntimeError:  # an inference tensor: no version counter to cache by
+        tensors = None
+    # Data pointers last: a fake tensor (never cached) warns when asked for one.
+    if tensors is not None and seen is not None and seen[0] == tensors and seen[1] == tuple(map(_data_ptr, params)):
+        return seen[2]
     if is_fake(params[0]):  # fake tensors come all together (shape propagation): nothing to read
         return True
     finite = bool(torch.stack([t.detach().isfinite().all() for t in params]).all())
-    if state is not None:
+    if tensors is not None:
         if seen is None:
             weakref.finalize(params[0], _checked.pop, key, None)
-        _checked[key] = (state, finite, [t.untyped_storage() for t in params])
+        _checked[key] = (tensors, tuple(map(_data_ptr, params)), finite, [t.untyped_storage() for t in params])
     return finite
 
 
