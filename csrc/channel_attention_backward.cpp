@@ -71,9 +71,12 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
         store(score.data() + j, at::vec::fmadd(qv, load(krow + j, m), load(score.data() + j, m)), m);
       });
     }
-    A mx = score[0];
-    for (int64_t j = 1; j < D; ++j) mx = std::max(mx, score[j]);
-    const V shift(mx), log2e(static_cast<A>(kLog2e));
+    // The row's exact max (-inf in the lanes past D: a finite start could exceed every score).
+    const V none(-std::numeric_limits<A>::infinity());
+    V mx = none;
+    for_lanes<A>(D,
+                 [&](int64_t j, int64_t m) { mx = at::vec::maximum(mx, V::set(none, load(score.data() + j, m), m)); });
+    const V shift(reduce_max(mx)), log2e(static_cast<A>(kLog2e));
     V den(0);
     for_lanes<A>(D, [&](int64_t j, int64_t m) {
       const V e = exp2((load(score.data() + j, m) - shift) * log2e);

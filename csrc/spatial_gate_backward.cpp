@@ -18,18 +18,31 @@ struct Group {
   bool padded_taps;  // whether a tap's weight gradient also sums the zero padding (see below)
 };
 
+// Each channel's row of `src` (G x L) between `pad` zeros on both sides, rows Lp = L + 2 pad apart,
+// plus a vector of slack: the convs below read whole vectors from any tap with no bounds checks.
+template <typename A>
+std::vector<A> padded_rows(const A* src, int64_t G, int64_t L, int64_t pad) {
+  const int64_t Lp = L + 2 * pad;
+  std::vector<A> out(G * Lp + Vectorized<A>::size(), A(0));
+  for (int64_t c = 0; c < G; ++c) std::copy(src + c * L, src + (c + 1) * L, out.data() + c * Lp + pad);
+  return out;
+}
+
 // z = conv(mean) + bias (zero padding), its GroupNorm statistics over G x L, and zhat.
 template <typename A>
-A normalised(const Group<A>& g, A eps, std::vector<A>& zhat) {
-  const int64_t G = g.G, L = g.L, K = g.K, pad = K / 2, M = G * L;
+A normalised(const Group<A>& g, const std::vector<A>& mean_padded, A eps, std::vector<A>& zhat) {
+  using V = Vectorized<A>;
+  const int64_t G = g.G, L = g.L, K = g.K, Lp = L + 2 * (K / 2), M = G * L;
+  for (int64_t c = 0; c < G; ++c) {
+    const A *m = mean_padded.data() + c * Lp, *w = g.w + c * K;
+    for_lanes<A>(L, [&](int64_t l, int64_t n) {
+      V z(g.bias[c]);
+      for (int64_t t = 0; t < K; ++t) z = at::vec::fmadd(V(w[t]), V::loadu(m + l + t), z);
+      store(zhat.data() + c * L + l, z, n);
+    });
+  }
   double sum = 0;  // sums over the group (G L terms) accumulate in fp64
-  for (int64_t c = 0; c < G; ++c)
-    for (int64_t l = 0; l < L; ++l) {
-      A z = g.bias[c];
-      for (int64_t t = std::max<int64_t>(0, pad - l); t < std::min(K, L + pad - l); ++t)
-        z += g.w[c * K + t] * g.mean[c * L + l + t - pad];
-      sum += zhat[c * L + l] = z;
-    }
+  for (int64_t i = 0; i < M; ++i) sum += zhat[i];
   const A mu = A(sum / M);
   double var = 0;
   for (int64_t i = 0; i < M; ++i) var += double(zhat[i] - mu) * double(zhat[i] - mu);
@@ -40,9 +53,11 @@ A normalised(const Group<A>& g, A eps, std::vector<A>& zhat) {
 
 template <typename A>
 void group_backward(const Group<A>& g, bool softmax, A eps) {
-  const int64_t G = g.G, L = g.L, K = g.K, pad = K / 2, M = G * L;
+  using V = Vectorized<A>;
+  const int64_t G = g.G, L = g.L, K = g.K, pad = K / 2, M = G * L, Lp = L + 2 * pad;
   std::vector<A> zhat(M), dz(M);
-  const A rstd = normalised(g, eps, zhat);
+  const std::vector<A> mean_padded = padded_rows(g.mean, G, L, pad);
+  const A rstd = normalised(g, mean_padded, eps, zhat);
   // Gate and affine; dz holds dL/dzhat until the normalisation's backward below.
   double mean_d = 0, mean_dz = 0;
   for (int64_t c = 0; c < G; ++c) {
@@ -64,30 +79,31 @@ void group_backward(const Group<A>& g, bool softmax, A eps) {
   for (int64_t i = 0; i < M; ++i) dz[i] = rstd * (dz[i] - md - zhat[i] * mdz);
   // The conv: bias, weight, and its input (a mean of `count` values: / count for the sums).
   const A per_sum = A(1) / A(g.count);
+  const std::vector<A> dz_padded = padded_rows(dz.data(), G, L, pad);
   for (int64_t c = 0; c < G; ++c) {
-    const A *d = dz.data() + c * L, *m = g.mean + c * L, *w = g.w + c * K;
+    const A *d = dz.data() + c * L, *m = mean_padded.data() + c * Lp, *w = g.w + c * K;
     A sb = 0;
     for (int64_t l = 0; l < L; ++l) sb += d[l];
     g.db[c] += sb;
     // With padded_taps a tap sums over every position, the zero padding included, so a NaN or Inf
     // in dz reaches the gradient of a tap that only ever sees padding (L <= |t - K/2|), as it does
-    // in the eager conv's weight gradient; without, only the valid positions.
+    // in the eager conv's weight gradient; without, only the valid positions. (Tap t reads the
+    // input at l + t - pad: m[l + t] in the padded row.)
     for (int64_t t = 0; t < K; ++t) {
-      A s = 0;
       const int64_t l0 = g.padded_taps ? 0 : std::max<int64_t>(0, pad - t);
       const int64_t l1 = g.padded_taps ? L : std::min(L, L + pad - t);
-      for (int64_t l = l0; l < l1; ++l) {
-        const int64_t at = l + t - pad;
-        s += d[l] * (at >= 0 && at < L ? m[at] : A(0));
-      }
-      g.dw[c * K + t] += s;
+      V s(0);
+      for_lanes<A>(l1 - l0,
+                   [&](int64_t i, int64_t n) { s = at::vec::fmadd(load(d + l0 + i, n), load(m + l0 + i + t, n), s); });
+      g.dw[c * K + t] += reduce_sum(s);
     }
-    for (int64_t l = 0; l < L; ++l) {
-      A s = 0;
-      for (int64_t t = std::max<int64_t>(0, l + pad - L + 1); t < std::min(K, l + pad + 1); ++t)
-        s += w[t] * d[l - t + pad];
-      g.dsum[c * L + l] = s * per_sum;
-    }
+    // dL/dmean at l: sum over taps of w[t] dz[l - t + pad], the padded row's l + 2 pad - t.
+    const A* dp = dz_padded.data() + c * Lp;
+    for_lanes<A>(L, [&](int64_t l, int64_t n) {
+      V s(0);
+      for (int64_t t = 0; t < K; ++t) s = at::vec::fmadd(V(w[t]), V::loadu(dp + l + 2 * pad - t), s);
+      store(g.dsum + c * L + l, s * V(per_sum), n);
+    });
   }
 }
 
