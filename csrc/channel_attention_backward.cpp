@@ -61,54 +61,67 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
   const A scale = A(1) / std::sqrt(A(D));
   const A* vbar = p.vbar.data() + c0;
   std::vector<A> score(D), prob(D);
+  const V none(-std::numeric_limits<A>::infinity()), log2e(static_cast<A>(kLog2e));
   for (int64_t i = 0; i < D; ++i) {
     const int64_t ci = c0 + i;
-    std::fill(score.begin(), score.end(), A(0));
-    for (int64_t n = 0; n < N; ++n) {
-      const V qv(p.q[n * C + ci] * scale);
-      const A* krow = p.k.data() + n * C + c0;
-      for_lanes<A>(D, [&](int64_t j, int64_t m) {
-        store(score.data() + j, at::vec::fmadd(qv, load(krow + j, m), load(score.data() + j, m)), m);
-      });
-    }
-    // The row's exact max (-inf in the lanes past D: a finite start could exceed every score).
-    const V none(-std::numeric_limits<A>::infinity());
+    // Scores, and the row's exact max (-inf in the lanes past D: a finite start could exceed every
+    // score). N == 1 (7x7 maps under a 7x7 window, global pooling): one pass for both.
     V mx = none;
-    for_lanes<A>(D,
-                 [&](int64_t j, int64_t m) { mx = at::vec::maximum(mx, V::set(none, load(score.data() + j, m), m)); });
-    const V shift(reduce_max(mx)), log2e(static_cast<A>(kLog2e));
-    V den(0);
+    if (N == 1) {
+      const V qv(p.q[ci] * scale);
+      for_lanes<A>(D, [&](int64_t j, int64_t m) {
+        const V sj = qv * load(p.k.data() + c0 + j, m);
+        store(score.data() + j, sj, m);
+        mx = at::vec::maximum(mx, V::set(none, sj, m));
+      });
+    } else {
+      std::fill(score.begin(), score.end(), A(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const V qv(p.q[n * C + ci] * scale);
+        const A* krow = p.k.data() + n * C + c0;
+        for_lanes<A>(D, [&](int64_t j, int64_t m) {
+          store(score.data() + j, at::vec::fmadd(qv, load(krow + j, m), load(score.data() + j, m)), m);
+        });
+      }
+      for_lanes<A>(
+          D, [&](int64_t j, int64_t m) { mx = at::vec::maximum(mx, V::set(none, load(score.data() + j, m), m)); });
+    }
+    // Exponentials, with their sum and their sum against vbar: o_i = num / den.
+    const V shift(reduce_max(mx));
+    V den(0), num(0);
     for_lanes<A>(D, [&](int64_t j, int64_t m) {
-      const V e = exp2((load(score.data() + j, m) - shift) * log2e);
-      den += V::set(V(0), e, m);
+      const V e = V::set(V(0), exp2((load(score.data() + j, m) - shift) * log2e), m);
+      den += e;
+      num = at::vec::fmadd(e, load(vbar + j, m), num);
       store(prob.data() + j, e, m);
     });
-    const V inv(A(1) / reduce_sum(den));
-    V oi(0);
-    for_lanes<A>(D, [&](int64_t j, int64_t m) {
+    const A inv_den = A(1) / reduce_sum(den);
+    const V inv(inv_den), o_i(reduce_sum(num) * inv_den), do_i(dO[ci]);
+    // dS_ij * s of the key vector at j (0 in the lanes past D, whatever o_i), adding P_ij do_i into
+    // dvbar on the way.
+    auto ds_at = [&](int64_t j, int64_t m) {
       const V pj = load(prob.data() + j, m) * inv;
-      store(prob.data() + j, pj, m);
-      oi = at::vec::fmadd(pj, load(vbar + j, m), oi);  // lanes past m are 0
-    });
-    const V o_i(reduce_sum(oi)), do_i(dO[ci]);
-    // score now holds dS_ij * s.
-    for_lanes<A>(D, [&](int64_t j, int64_t m) {
-      const V pj = load(prob.data() + j, m);
       store(dvbar + c0 + j, at::vec::fmadd(pj, do_i, load(dvbar + c0 + j, m)), m);
-      store(score.data() + j, pj * do_i * (load(vbar + j, m) - o_i) * V(scale), m);
-    });
-    for (int64_t n = 0; n < N; ++n) {
+      return V::set(V(0), pj * do_i * (load(vbar + j, m) - o_i) * V(scale), m);
+    };
+    auto dq_dk = [&](int64_t n, auto ds_of) {
       const A* krow = p.k.data() + n * C + c0;
       A* dkrow = dk + n * C + c0;
       const V qn(p.q[n * C + ci]);
       V acc(0);
       for_lanes<A>(D, [&](int64_t j, int64_t m) {
-        const V ds = load(score.data() + j, m);
+        const V ds = ds_of(j, m);
         acc = at::vec::fmadd(ds, load(krow + j, m), acc);
         store(dkrow + j, at::vec::fmadd(ds, qn, load(dkrow + j, m)), m);
       });
       dq[n * C + ci] = reduce_sum(acc);
+    };
+    if (N == 1) {  // dS is used once: computed where it is used
+      dq_dk(0, ds_at);
+      continue;
     }
+    for_lanes<A>(D, [&](int64_t j, int64_t m) { store(score.data() + j, ds_at(j, m), m); });  // score: dS * s
+    for (int64_t n = 0; n < N; ++n) dq_dk(n, [&](int64_t j, int64_t m) { return load(score.data() + j, m); });
   }
 }
 
