@@ -57,7 +57,7 @@ def test_nonfinite_parameter(name, value, fused_on):
     assert out.isfinite().all() and torch.allclose(out, eager(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["norm_h.weight", "global_dwc_m.bias", "norm.bias", "v.weight"])
+@pytest.mark.parametrize("name", ["norm_h.weight", "v.weight"])  # a spatial and a channel parameter
 def test_parameter_overflowing_in_a_dtype_conversion(name, fused_on):
     """module.float() converts the parameters through `.data`, which keeps each tensor and its version
     counter: a parameter of 1e300, finite in fp64, is Inf in fp32, and the finiteness check the
