@@ -73,10 +73,15 @@ def parameters_finite(params):
     if is_fake(params[0]):  # fake tensors come all together (shape propagation): nothing to read
         return True
     finite = bool(torch.stack([t.detach().isfinite().all() for t in params]).all())
-    if tensors is not None:
-        if seen is None:
-            weakref.finalize(params[0], _checked.pop, key, None)
-        _checked[key] = (tensors, tuple(map(_data_ptr, params)), finite, [t.untyped_storage() for t in params])
+    if tensors is None:
+        return finite
+    try:
+        memory = tuple(map(_data_ptr, params)), [t.untyped_storage() for t in params]
+    except RuntimeError:  # a tensor without storage of its own (a wrapper subclass): not cached
+        return finite
+    if seen is None:
+        weakref.finalize(params[0], _checked.pop, key, None)
+    _checked[key] = (tensors, memory[0], finite, memory[1])
     return finite
 
 
