@@ -242,6 +242,20 @@ inline void for_lanes(int64_t len, const F& f) {
   for (int64_t i = 0; i < len; i += L) f(i, std::min(L, len - i));
 }
 
+// Each channel's row of `src` (G x L, the accumulator dtype) between `pad` zeros on both sides,
+// rows Lp = L + 2 pad apart, plus slack: a conv over it reads whole vectors from any tap with no
+// bounds checks. Rows are written as whole vectors in channel order (a partial store goes through
+// a buffer and a memcpy call): a row's overhang, zeros, lands on later rows, written after it.
+template <typename A>
+std::vector<A> padded_rows(const A* src, int64_t G, int64_t L, int64_t pad) {
+  constexpr int64_t Lanes = Vectorized<A>::size();
+  const int64_t Lp = L + 2 * pad, Lv = (L + Lanes - 1) / Lanes * Lanes;
+  std::vector<A> out(G * Lp + Lv + Lanes, A(0));
+  for (int64_t c = 0; c < G; ++c)
+    for_lanes<A>(L, [&](int64_t l, int64_t n) { load(src + c * L + l, n).store(out.data() + c * Lp + pad + l); });
+  return out;
+}
+
 // Column runs for loops that keep one accumulator a vector in registers: calls
 // f(std::integral_constant<int, NF>, std::bool_constant<TAIL>, w0) for runs of NF whole vectors
 // from column w0 (at most 8), the last run with TAIL: one more, partial vector of len % L lanes.

@@ -30,18 +30,16 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
   const A* gw = static_cast<const A*>(br.gn_w) + c0;
   const A* gb = static_cast<const A*>(br.gn_b) + c0;
   A* out = static_cast<A*>(br.out) + (b * C + c0) * L;
-  // padded: each channel's sums with `pad` zeros on both sides, so the taps need no bounds checks
-  // (plus a vector of slack: rows are read in whole vectors). z: the conv output, rows of Lv.
-  // Lanes past a row's end hold junk: `& keep(l)` clears them wherever they would be summed, a
-  // precomputed mask where at::vec's partial loads would rebuild one per call (rows can be 7 long).
-  // Rows are written as whole vectors in channel order (a partial store goes through a buffer
-  // and a memcpy call): a row's overhang, zeros here and junk in `out`, lands on later rows,
-  // which are written after it; in `out` a store that would pass the group's end is partial.
-  std::vector<A> padded(G * Lp + Lv + Lanes, A(0)), z(G * Lv);
+  // padded: each channel's sums with `pad` zeros on both sides (padded_rows). z: the conv output,
+  // rows of Lv. Lanes past a row's end hold junk: `& keep(l)` clears them wherever they would be
+  // summed, a precomputed mask where at::vec's partial loads would rebuild one per call (rows can
+  // be 7 long). Rows of `out` are written as whole vectors in channel order, as padded_rows writes
+  // its rows: a row's overhang of junk lands on later rows, which are written after it; a store
+  // that would pass the group's end is partial.
+  const std::vector<A> padded = padded_rows(sums, G, L, pad);
+  std::vector<A> z(G * Lv);
   const V ones = V(0) == V(0), tail = V::set(V(0), ones, L - (Lv - Lanes));
   auto keep = [&](int64_t l) { return l + Lanes <= L ? ones : tail; };
-  for (int64_t c = 0; c < G; ++c)
-    for_lanes<A>(L, [&](int64_t l, int64_t n) { load(sums + c * L + l, n).store(padded.data() + c * Lp + pad + l); });
   // The conv is linear: convolve the sums, scale to means once.
   const V inv_count(A(1) / A(br.count));
   V total(0);

@@ -18,16 +18,6 @@ struct Group {
   bool padded_taps;  // whether a tap's weight gradient also sums the zero padding (see below)
 };
 
-// Each channel's row of `src` (G x L) between `pad` zeros on both sides, rows Lp = L + 2 pad apart,
-// plus a vector of slack: the convs below read whole vectors from any tap with no bounds checks.
-template <typename A>
-std::vector<A> padded_rows(const A* src, int64_t G, int64_t L, int64_t pad) {
-  const int64_t Lp = L + 2 * pad;
-  std::vector<A> out(G * Lp + Vectorized<A>::size(), A(0));
-  for (int64_t c = 0; c < G; ++c) std::copy(src + c * L, src + (c + 1) * L, out.data() + c * Lp + pad);
-  return out;
-}
-
 // z = conv(mean) + bias (zero padding), its GroupNorm statistics over G x L, and zhat.
 template <typename A>
 A normalised(const Group<A>& g, const std::vector<A>& mean_padded, A eps, std::vector<A>& zhat) {

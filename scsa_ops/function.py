@@ -76,12 +76,12 @@ def parameters_finite(params):
     if tensors is None:
         return finite
     try:
-        memory = tuple(map(_data_ptr, params)), [t.untyped_storage() for t in params]
+        pointers, storages = tuple(map(_data_ptr, params)), [t.untyped_storage() for t in params]
     except RuntimeError:  # a tensor without storage of its own (a wrapper subclass): not cached
         return finite
     if seen is None:
         weakref.finalize(params[0], _checked.pop, key, None)
-    _checked[key] = (tensors, memory[0], finite, memory[1])
+    _checked[key] = (tensors, pointers, finite, storages)
     return finite
 
 

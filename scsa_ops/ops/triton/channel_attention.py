@@ -396,4 +396,3 @@ def channel_attention_backward(y, o, r, ah, norm, qkv_weights, qkv_biases, head_
         y, o, r, ah, *norm, *qkv_weights, *biases, stats, dq, dk, dvbar, dy, part,
         B, C, N, D, H, head_num, window[0] * window[1], part.shape[1], off_c, eps)
     return dy
-
