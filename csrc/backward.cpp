@@ -127,9 +127,7 @@ std::vector<Tensor> backward(const Tensor& g, const Tensor& x, at::TensorList co
     // full-size passes and its small graphs while its g and X sit in that core's L2; small batches
     // run pass by pass with each pass parallel inside (nested parallel_for calls run inline).
     if (B >= 2 * at::get_num_threads())
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) run(b, 1);
-      });
+      for_each_sample(B, [&](int64_t b) { run(b, 1); });
     else
       run(0, B);
   });

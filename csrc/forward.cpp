@@ -82,9 +82,7 @@ std::vector<Tensor> forward(const Tensor& x_in, at::TensorList conv_weights, at:
   };
   if (B >= 2 * at::get_num_threads()) {
     // Nested at::parallel_for calls inside the passes run inline on this task's thread.
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) run(b, 1);
-    });
+    for_each_sample(B, [&](int64_t b) { run(b, 1); });
   } else {
     run(0, B);
   }

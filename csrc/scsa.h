@@ -15,9 +15,11 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
@@ -83,6 +85,20 @@ inline AccVec<T> load(const T* p, int64_t n) {
       return Vectorized<float>(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
     else
       return Vectorized<float>(_mm512_cvtph_ps(raw));
+#elif defined(CPU_CAPABILITY_AVX2)
+    // No 16-bit masked load: the n / 2 whole pairs by a 32-bit vmaskmov, and element n - 1 (the
+    // odd one out, or again the last of a pair) broadcast and blended into its lane.
+    if (n == 0) return Vectorized<float>(0.f);
+    const auto* bits = reinterpret_cast<const int16_t*>(p);
+    const __m128i lane_ids16 = _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m128i pairs = _mm_cmpgt_epi32(_mm_set1_epi32(int(n / 2)), _mm_setr_epi32(0, 1, 2, 3));
+    const __m128i raw =
+        _mm_blendv_epi8(_mm_maskload_epi32(reinterpret_cast<const int*>(bits), pairs), _mm_set1_epi16(bits[n - 1]),
+                        _mm_cmpeq_epi16(_mm_set1_epi16(int16_t(n - 1)), lane_ids16));
+    if constexpr (std::is_same_v<T, at::BFloat16>)
+      return Vectorized<float>(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+    else
+      return Vectorized<float>(_mm256_cvtph_ps(raw));
 #else
     alignas(64) T buf[L] = {};
     std::memcpy(buf, p, n * sizeof(T));
@@ -104,6 +120,28 @@ inline void store(T* p, const AccVec<T>& v, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
     const __m256i low = _mm512_castsi512_si256(at::vec::convert_from_float<T>(v, v));
     _mm256_mask_storeu_epi16(p, lanes(n), low);
+#elif defined(CPU_CAPABILITY_AVX2)
+    // No 16-bit masked store (and vmaskmov stores are slow on AMD's cores): 4, 2 and 1 values by
+    // plain stores of the low bytes, as n's bits say.
+    __m128i low = _mm256_castsi256_si128(at::vec::convert_from_float<T>(v, v));
+    if (n == L) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), low);
+      return;
+    }
+    auto* out = reinterpret_cast<char*>(p);
+    if (n & 4) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out), low);
+      low = _mm_srli_si128(low, 8), out += 8;
+    }
+    if (n & 2) {
+      const int32_t pair = _mm_cvtsi128_si32(low);
+      std::memcpy(out, &pair, 4);
+      low = _mm_srli_si128(low, 4), out += 4;
+    }
+    if (n & 1) {
+      const int16_t one = int16_t(_mm_cvtsi128_si32(low));
+      std::memcpy(out, &one, 2);
+    }
 #else
     alignas(64) T buf[Vectorized<T>::size()];
     at::vec::convert_from_float<T>(v, v).store(buf);
@@ -115,9 +153,32 @@ inline void store(T* p, const AccVec<T>& v, int64_t n) {
   }
 }
 
+// Lane reductions. at::vec's vec_reduce_all has SIMD shuffles for fp32 on AVX2 and AVX512 only;
+// its fallback (fp64, and DEFAULT) rebuilds a vector from each lane through the stack, a scalar
+// store that a vector load cannot forward from (~20 cycles a lane on Zen 4: half the 7x7 channel
+// attention's time, in its fp64 power series). Ours stores once and reads the lanes back, in the
+// fallback's order.
+template <typename A, typename VecOp, typename ScalarOp>
+inline A reduce_lanes(const Vectorized<A>& v, const VecOp& vec_op, const ScalarOp& scalar_op) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr bool shuffles = std::is_same_v<A, float>;
+#else
+  constexpr bool shuffles = false;
+#endif
+  if constexpr (shuffles) {
+    return at::vec::vec_reduce_all<A>(vec_op, v);
+  } else {
+    alignas(64) A lane[Vectorized<A>::size()];
+    v.store(lane);
+    A r = lane[0];
+    for (int64_t i = 1; i < Vectorized<A>::size(); ++i) r = scalar_op(r, lane[i]);
+    return r;
+  }
+}
+
 template <typename A>
 inline A reduce_sum(const Vectorized<A>& v) {
-  return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
+  return reduce_lanes(v, [](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, [](A a, A b) { return a + b; });
 }
 
 // *out (+)= the sum of row's lanes: one row at a time, where row_sums4 takes four.
@@ -186,7 +247,10 @@ struct RowSums {
 
 template <typename A>
 inline A reduce_max(const Vectorized<A>& v) {
-  return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::maximum(a, b); }, v);
+  // NaN in either propagates, as at::vec::maximum does.
+  return reduce_lanes(
+      v, [](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::maximum(a, b); },
+      [](A a, A b) { return a != a ? a : (b != b ? b : std::max(a, b)); });
 }
 
 // Scores and logits are kept in log2 units (x * log2(e)) so that exponentials are exp2.
@@ -286,6 +350,25 @@ constexpr int64_t kGrainElems = 16384;
 
 inline int64_t grain(int64_t elems_per_item) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
+}
+
+// f(b) for every sample b < B. Each thread owns a contiguous block of samples, as a fixed split
+// would give it (the same samples every call: a block that fits that core's L2 stays there), and
+// when its block is done it takes what is left of the others', one sample at a time: a fixed split
+// alone waits on its slowest thread, and a thread slowed by anything else on its core would hold
+// up the whole call. A sample's result does not depend on which thread computes it.
+template <typename F>
+void for_each_sample(int64_t B, const F& f) {
+  const int64_t T = at::get_num_threads(), per = (B + T - 1) / T;
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[T]);
+  for (int64_t t = 0; t < T; ++t) next[t] = t * per;
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t k = 0; k < T; ++k) {
+        const int64_t u = (t + k) % T, stop = std::min(B, (u + 1) * per);
+        for (int64_t b = next[u]++; b < stop; b = next[u]++) f(b);
+      }
+  });
 }
 
 // Every output of a pass. Tests set SCSA_OPS_POISON=1 so that outputs start as NaN and an element a
