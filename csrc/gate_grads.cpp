@@ -26,7 +26,7 @@ void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
   constexpr int64_t L = V::size();
   const int64_t Wv = (W + L - 1) / L * L;
   at::parallel_for(0, planes, grain(2 * H * W), [&](int64_t begin, int64_t end) {
-    std::vector<A> xaw(Wv), s_acc(Wv), v_acc(Wv);
+    std::vector<A> xaw(Wv + L), s_acc(Wv), v_acc(Wv);  // xaw: window_sums reads a vector past a window
     for (int64_t p = begin; p < end; ++p) {
       const A* a_w = aw + p * W;
       RowSums<A> r_sums{R + p * H, false};

@@ -214,11 +214,29 @@ C10_ALWAYS_INLINE void row_sums4(const Vectorized<A> (&rows)[4], A* out, bool ac
   for (int i = 0; i < 4; ++i) row_sum(rows[i], out + i, accumulate);
 }
 
-// y[j] = scale * sum_{t < kw} row[j * kw + t] for j < wo. (One vgatherdps of 8 windows' columns a
-// tap takes a tenth of the instructions and was slower on Zen 4, by 10-20% of the whole forward at
-// 28x28 and 56x56 maps.)
+// y[j] = scale * sum_{t < kw} row[j * kw + t] for j < wo; row must be readable to (wo - 1) * kw +
+// one vector. fp32 windows of at most one vector: window j is the vector loaded at its first
+// column with the lanes past kw cleared, and row_sums4 sums four such windows in one
+// transpose-and-add tree (~8 instructions a window where the scalar loop takes ~2 a column). (One
+// vgatherdps of 8 windows' columns a tap took a tenth of the scalar loop's instructions and was
+// slower on Zen 4, by 10-20% of the whole forward at 28x28 and 56x56 maps.)
 template <typename A>
 inline void window_sums(const A* row, A* y, int64_t kw, int64_t wo, A scale) {
+  using V = Vectorized<A>;
+  if constexpr (std::is_same_v<A, float>) {
+    if (kw <= V::size() && wo >= 4) {  // (fewer windows cost the tree more than the loop)
+      const V keep = V::set(V(0), V(0) == V(0), kw);
+      for (int64_t j = 0; j < wo; j += 4) {
+        const int64_t n = std::min<int64_t>(4, wo - j);
+        V windows[4];
+        for (int64_t r = 0; r < 4; ++r) windows[r] = r < n ? V::loadu(row + (j + r) * kw) & keep : V(0);
+        alignas(16) A sums[4];
+        row_sums4(windows, sums, false);
+        for (int64_t r = 0; r < n; ++r) y[j + r] = sums[r] * scale;
+      }
+      return;
+    }
+  }
   for (int64_t j = 0; j < wo; ++j) {
     A s = 0;
     for (int64_t t = j * kw; t < (j + 1) * kw; ++t) s += row[t];
