@@ -155,9 +155,9 @@ inline void store(T* p, const AccVec<T>& v, int64_t n) {
 
 // Lane reductions. at::vec's vec_reduce_all has SIMD shuffles for fp32 on AVX2 and AVX512 only;
 // its fallback (fp64, and DEFAULT) rebuilds a vector from each lane through the stack, a scalar
-// store that a vector load cannot forward from (~20 cycles a lane on Zen 4: half the 7x7 channel
-// attention's time, in its fp64 power series). Ours stores once and reads the lanes back, in the
-// fallback's order.
+// store that a vector load cannot forward from (~20 cycles a lane on Zen 4: with 8 heads, half the
+// 7x7 channel attention's time, in its fp64 power series). Ours stores once and reads the lanes
+// back, in the fallback's order.
 template <typename A, typename VecOp, typename ScalarOp>
 inline A reduce_lanes(const Vectorized<A>& v, const VecOp& vec_op, const ScalarOp& scalar_op) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
