@@ -10,10 +10,14 @@ namespace {
 
 // Sample b: dL/da_c from the first pass's sums, the channel attention's backward, then dL/da_h and
 // dL/da_w (the direct part a_c * sum, plus the pooled part through dL/dY) into the spatial gates'.
+// Vector loops along the rows; the windows are walked as (window, offset) pairs, not found by
+// dividing an index by the window size inside the loops.
 template <typename A>
 void sample_backward(Backward& bw, int64_t b) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
   const int64_t C = bw.C, H = bw.H, W = bw.W, kh = bw.kh, kw = bw.kw;
-  const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh;
+  const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh, wc = wo * kw;
   const A* r = bw.r.const_data_ptr<A>() + b * C * H;
   const A* s = bw.s.const_data_ptr<A>() + b * C * hc * W;
   const A* u = bw.u.const_data_ptr<A>() + b * C * ho * kh * wo;
@@ -21,27 +25,47 @@ void sample_backward(Backward& bw, int64_t b) {
   const A* ah = bw.ah.const_data_ptr<A>() + b * C * H;
   std::vector<A> dA(C), ac(C), dah(C * H), daw(C * W);
   for (int64_t c = 0; c < C; ++c) {
-    A sum = 0;
-    for (int64_t h = 0; h < H; ++h) sum += ah[c * H + h] * r[c * H + h];
-    dA[c] = sum;
+    V sum(0);
+    for_lanes<A>(
+        H, [&](int64_t h, int64_t n) { sum = at::vec::fmadd(load(ah + c * H + h, n), load(r + c * H + h, n), sum); });
+    dA[c] = reduce_sum(sum);
   }
   channel_attention_backward<A>(bw, b, dA.data(), ac.data());
   const A* dy = bw.dy.const_data_ptr<A>() + b * C * ho * wo;
+  std::vector<A> up(W + L), pooled(W + L);  // a window row of dY spread over its columns; daw's pooled part
   for (int64_t c = 0; c < C; ++c) {
     const A* dyc = dy + c * ho * wo;
-    for (int64_t h = 0; h < H; ++h) {
-      A pooled = 0;
-      if (h < ho * kh)
-        for (int64_t j = 0; j < wo; ++j) pooled += u[(c * ho * kh + h) * wo + j] * dyc[h / kh * wo + j];
-      dah[c * H + h] = ac[c] * r[c * H + h] + pooled;
+    const V a_c(ac[c]);
+    // dah: the pooled part of row h is the dot of u's row h with its window row of dY.
+    RowSums<A> rows{dah.data() + c * H, false};
+    for (int64_t i = 0; i < ho; ++i)
+      for (int64_t h = i * kh; h < (i + 1) * kh; ++h) {
+        V dot(0);
+        for_lanes<A>(wo, [&](int64_t j, int64_t n) {
+          dot = at::vec::fmadd(load(u + (c * ho * kh + h) * wo + j, n), load(dyc + i * wo + j, n), dot);
+        });
+        rows.push(dot);
+      }
+    rows.flush();
+    std::fill(dah.begin() + c * H + ho * kh, dah.begin() + (c + 1) * H, A(0));  // rows no window covers
+    for_lanes<A>(H, [&](int64_t h, int64_t n) {
+      store(dah.data() + c * H + h, at::vec::fmadd(a_c, load(r + c * H + h, n), load(dah.data() + c * H + h, n)), n);
+    });
+    // daw: the direct part sums s over the window rows; the pooled part weights v's window rows by
+    // dY spread over each window's columns.
+    std::fill(pooled.begin(), pooled.end(), A(0));
+    for (int64_t i = 0; i < ho; ++i) {
+      for (int64_t j = 0; j < wo; ++j) std::fill(up.begin() + j * kw, up.begin() + (j + 1) * kw, dyc[i * wo + j]);
+      for_lanes<A>(wc, [&](int64_t w, int64_t n) {
+        at::vec::fmadd(load(v + (c * ho + i) * wc + w, n), V::loadu(up.data() + w), V::loadu(pooled.data() + w))
+            .store(pooled.data() + w);
+      });
     }
-    for (int64_t w = 0; w < W; ++w) {
-      A direct = 0, pooled = 0;
-      for (int64_t i = 0; i < hc; ++i) direct += s[(c * hc + i) * W + w];
-      if (w < wo * kw)
-        for (int64_t i = 0; i < ho; ++i) pooled += v[(c * ho + i) * wo * kw + w] * dyc[i * wo + w / kw];
-      daw[c * W + w] = ac[c] * direct + pooled;
-    }
+    for_lanes<A>(W, [&](int64_t w, int64_t n) {
+      V direct(0);
+      for (int64_t i = 0; i < hc; ++i) direct += load(s + (c * hc + i) * W + w, n);
+      store(daw.data() + c * W + w, at::vec::fmadd(a_c, direct, V::loadu(pooled.data() + w)), n);
+    });
   }
   spatial_gate_backward<A>(bw, b, false, dah.data());
   spatial_gate_backward<A>(bw, b, true, daw.data());
