@@ -19,7 +19,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <memory>
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
@@ -378,7 +377,7 @@ inline int64_t grain(int64_t elems_per_item) {
 template <typename F>
 void for_each_sample(int64_t B, const F& f) {
   const int64_t T = at::get_num_threads(), per = (B + T - 1) / T;
-  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[T]);
+  std::vector<std::atomic<int64_t>> next(T);  // next[t]: the next unclaimed sample of block t
   for (int64_t t = 0; t < T; ++t) next[t] = t * per;
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
