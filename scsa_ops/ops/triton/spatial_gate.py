@@ -14,98 +14,149 @@ from .utils import alloc, as_acc, cdiv, dense, launch, memo, options, pow2, tile
 
 
 @triton.jit
-def _load_sum(p_ptr, n_parts, part_stride, row, pos, m, ACC: tl.constexpr):
-    # p_ptr holds n_parts partial sums per element (the pool kernel's bands).
-    v = tl.load(p_ptr + row + pos, mask=m, other=0.0).to(ACC)
-    for k in range(1, n_parts):
-        v += tl.load(p_ptr + k * part_stride + row + pos, mask=m, other=0.0).to(ACC)
+def _sums(p_ptr, n_parts, part_stride, row, li, m, ACC: tl.constexpr):
+    # The sums at rows `row`, positions li: p_ptr holds n_parts partial sums an element (the pool
+    # kernel's bands), read four at a step so that their loads are in flight together.
+    off = row + li[None, :]
+    v = tl.load(p_ptr + off, mask=m, other=0.0).to(ACC)
+    for k in range(1, n_parts, 4):
+        for u in tl.static_range(4):
+            part_ok = m & ((tl.zeros_like(li) + (k + u)) < n_parts)[None, :]
+            v += tl.load(p_ptr + (k + u) * part_stride + off, mask=part_ok, other=0.0).to(ACC)
     return v
 
 
 @triton.jit
-def _conv(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, cs,
-          K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, G, ACC: tl.constexpr):
+def _tap(p, p_ptr, n_parts, part_stride, row, m, d, L, ACC: tl.constexpr):
+    # The sums p (at rows `row` of p_ptr) shifted by d along the length, p[:, l + d], 0 where l + d is
+    # outside [0, L): a tap of the zero-padded conv. Rows of up to 64 regroup p in registers (a
+    # gather: a few warp shuffles) instead of waiting on a reload a tap; past that a gather's
+    # shuffles grow with the row (ptxas spilled at 512), and the tap is reloaded.
+    src = tl.arange(0, p.shape[1]) + d
+    ok = (src >= 0) & (src < L)
+    if p.shape[1] <= 64:
+        idx = tl.broadcast_to(tl.where(ok, src, 0)[None, :], p.shape)
+        return tl.where(ok[None, :], tl.gather(p, idx, 1), 0.0)
+    return _sums(p_ptr, n_parts, part_stride, row, src, m & ok[None, :], ACC)
+
+
+@triton.jit
+def _block(p_ptr, n_parts, part_stride, b, C, L, c0, cs, G, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+           ACC: tl.constexpr):
+    # (channels cl inside the group, their mask, the tile's mask, its rows' offsets, the sums p
+    # [BLOCK_G, BLOCK_L]) of the group's channels cs ... cs + BLOCK_G - 1
     cl = cs + tl.arange(0, BLOCK_G)  # channel inside the group: index into the conv weights
     li = tl.arange(0, BLOCK_L)  # position along the branch's length
     c_ok = cl < G
+    m = c_ok[:, None] & (li < L)[None, :]
     row = (b.to(tl.int64) * C + c0 + cl)[:, None] * L
-    z = tl.zeros([BLOCK_G, BLOCK_L], ACC)
+    return cl, c_ok, m, row, _sums(p_ptr, n_parts, part_stride, row, li, m, ACC)
+
+
+@triton.jit
+def _conv(p, p_ptr, n_parts, part_stride, row, m, cl, c_ok, count, w_ptr, bias_ptr, L, K: tl.constexpr,
+          ACC: tl.constexpr):
+    # The group's depthwise conv of the sums p, as means: the conv is linear, so the sums are
+    # convolved and scaled once (in ACC, not an fp32 scalar).
+    z = tl.zeros_like(p)
     for t in range(K):  # a loop, not unrolled: 8 inlined group bodies x 9 taps would bloat the code
-        pos = li[None, :] + (t - K // 2)
-        m = c_ok[:, None] & (pos >= 0) & (pos < L)
         tap = tl.load(w_ptr + cl * K + t, mask=c_ok, other=0.0).to(ACC)
-        z += tap[:, None] * _load_sum(p_ptr, n_parts, part_stride, row, pos, m, ACC)
-    # The conv is linear: convolve the sums, then scale to means once (in ACC, not an fp32 scalar).
-    inv_count = 1.0 / (tl.zeros([BLOCK_L], ACC) + count)
+        z += tap[:, None] * _tap(p, p_ptr, n_parts, part_stride, row, m, t - K // 2, L, ACC)
+    inv_count = 1.0 / (tl.zeros([p.shape[1]], ACC) + count)
     bias = tl.load(bias_ptr + cl, mask=c_ok, other=0.0).to(ACC)
-    return z * inv_count[None, :] + bias[:, None], c_ok[:, None] & (li < L)[None, :]
+    return z * inv_count[None, :] + bias[:, None]
+
+
+@triton.jit
+def _moments(z, m, n, eps):
+    # GroupNorm statistics (mean, rstd) of the n values of z under m, centred in registers
+    mean = tl.sum(tl.sum(tl.where(m, z, 0.0), axis=1), axis=0) / n
+    d = tl.where(m, z - mean, 0.0)
+    return mean, 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / n + eps)
 
 
 @triton.jit
 def _group_stats(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, eps,
-                 K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
-    # GroupNorm(4) statistics (mean, rstd) of the conv output of the group at channel c0.
+                 K: tl.constexpr, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+                 ACC: tl.constexpr):
+    # GroupNorm(4) statistics (mean, rstd) of the conv output of the group at channel c0: from one
+    # tile when the group fits one (GROUP_FITS), else in two sweeps, the conv recomputed in each.
     G = C // 4
+    if GROUP_FITS:
+        cl, c_ok, m, row, p = _block(p_ptr, n_parts, part_stride, b, C, L, c0, 0, G, BLOCK_G, BLOCK_L, ACC)
+        z = _conv(p, p_ptr, n_parts, part_stride, row, m, cl, c_ok, count, w_ptr, bias_ptr, L, K, ACC)
+        return _moments(z, m, G * L, eps)
     total = tl.zeros([BLOCK_G, BLOCK_L], ACC)
     for cs in range(0, G, BLOCK_G):
-        z, m = _conv(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, cs,
-                     K, BLOCK_G, BLOCK_L, G, ACC)
+        cl, c_ok, m, row, p = _block(p_ptr, n_parts, part_stride, b, C, L, c0, cs, G, BLOCK_G, BLOCK_L, ACC)
+        z = _conv(p, p_ptr, n_parts, part_stride, row, m, cl, c_ok, count, w_ptr, bias_ptr, L, K, ACC)
         total += tl.where(m, z, 0.0)
     mean = tl.sum(tl.sum(total, axis=1), axis=0) / (G * L)
     sq = tl.zeros([BLOCK_G, BLOCK_L], ACC)
     for cs in range(0, G, BLOCK_G):
-        z, m = _conv(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, cs,
-                     K, BLOCK_G, BLOCK_L, G, ACC)
+        cl, c_ok, m, row, p = _block(p_ptr, n_parts, part_stride, b, C, L, c0, cs, G, BLOCK_G, BLOCK_L, ACC)
+        z = _conv(p, p_ptr, n_parts, part_stride, row, m, cl, c_ok, count, w_ptr, bias_ptr, L, K, ACC)
         d = tl.where(m, z - mean, 0.0)
         sq += d * d
     return mean, 1.0 / tl.sqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / (G * L) + eps)
 
 
 @triton.jit
+def _store_gate(z, m, mean, rstd, a_ptr, gn_w_ptr, gn_b_ptr, b, C, L, c, c_ok, SOFTMAX: tl.constexpr,
+                ACC: tl.constexpr):
+    gw = tl.load(gn_w_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    gb = tl.load(gn_b_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    z = (z - mean) * rstd * gw[:, None] + gb[:, None]
+    if SOFTMAX:  # over the length axis, per channel
+        z = tl.where(m, z, float("-inf"))
+        e = tl.exp(z - tl.max(z, axis=1)[:, None])
+        a = e / tl.sum(e, axis=1)[:, None]
+    else:
+        a = 1.0 / (1.0 + tl.exp(-z))
+    li = tl.arange(0, z.shape[1])
+    tl.store(a_ptr + (b.to(tl.int64) * C + c)[:, None] * L + li[None, :], a, mask=m)
+
+
+@triton.jit
 def _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w_ptr, bias_ptr,
                 b, grp, C, L, eps,
-                K: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
-                ACC: tl.constexpr):
+                K: tl.constexpr, SOFTMAX: tl.constexpr, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr,
+                BLOCK_L: tl.constexpr, ACC: tl.constexpr):
     G = C // 4
     c0 = grp * G
-    mean, rstd = _group_stats(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, eps,
-                              K, BLOCK_G, BLOCK_L, ACC)
-    for cs in range(0, G, BLOCK_G):
-        z, m = _conv(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, cs,
-                     K, BLOCK_G, BLOCK_L, G, ACC)
-        c = c0 + cs + tl.arange(0, BLOCK_G)
-        c_ok = c < c0 + G
-        gw = tl.load(gn_w_ptr + c, mask=c_ok, other=0.0).to(ACC)
-        gb = tl.load(gn_b_ptr + c, mask=c_ok, other=0.0).to(ACC)
-        z = (z - mean) * rstd * gw[:, None] + gb[:, None]
-        if SOFTMAX:  # over the length axis, per channel
-            z = tl.where(m, z, float("-inf"))
-            e = tl.exp(z - tl.max(z, axis=1)[:, None])
-            a = e / tl.sum(e, axis=1)[:, None]
-        else:
-            a = 1.0 / (1.0 + tl.exp(-z))
-        li = tl.arange(0, BLOCK_L)
-        tl.store(a_ptr + (b.to(tl.int64) * C + c)[:, None] * L + li[None, :], a, mask=m)
+    if GROUP_FITS:  # the sums read once, the conv computed once
+        cl, c_ok, m, row, p = _block(p_ptr, n_parts, part_stride, b, C, L, c0, 0, G, BLOCK_G, BLOCK_L, ACC)
+        z = _conv(p, p_ptr, n_parts, part_stride, row, m, cl, c_ok, count, w_ptr, bias_ptr, L, K, ACC)
+        mean, rstd = _moments(z, m, G * L, eps)
+        _store_gate(z, m, mean, rstd, a_ptr, gn_w_ptr, gn_b_ptr, b, C, L, c0 + cl, c_ok, SOFTMAX, ACC)
+    else:
+        mean, rstd = _group_stats(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, eps,
+                                  K, GROUP_FITS, BLOCK_G, BLOCK_L, ACC)
+        for cs in range(0, G, BLOCK_G):
+            cl, c_ok, m, row, p = _block(p_ptr, n_parts, part_stride, b, C, L, c0, cs, G, BLOCK_G, BLOCK_L, ACC)
+            z = _conv(p, p_ptr, n_parts, part_stride, row, m, cl, c_ok, count, w_ptr, bias_ptr, L, K, ACC)
+            _store_gate(z, m, mean, rstd, a_ptr, gn_w_ptr, gn_b_ptr, b, C, L, c0 + cl, c_ok, SOFTMAX, ACC)
 
 
 @triton.jit
 def _gate_branch(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr,
                  w0, b0, w1, b1, w2, b2, w3, b3, b, grp, C, L, eps,
                  K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-                 SOFTMAX: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
+                 SOFTMAX: tl.constexpr, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+                 ACC: tl.constexpr):
     # Kernel sizes differ per group, so each group gets its own unrolled tap loop.
     if grp == 0:
         _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w0, b0,
-                    b, grp, C, L, eps, K0, SOFTMAX, BLOCK_G, BLOCK_L, ACC)
+                    b, grp, C, L, eps, K0, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L, ACC)
     elif grp == 1:
         _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w1, b1,
-                    b, grp, C, L, eps, K1, SOFTMAX, BLOCK_G, BLOCK_L, ACC)
+                    b, grp, C, L, eps, K1, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L, ACC)
     elif grp == 2:
         _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w2, b2,
-                    b, grp, C, L, eps, K2, SOFTMAX, BLOCK_G, BLOCK_L, ACC)
+                    b, grp, C, L, eps, K2, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L, ACC)
     else:
         _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w3, b3,
-                    b, grp, C, L, eps, K3, SOFTMAX, BLOCK_G, BLOCK_L, ACC)
+                    b, grp, C, L, eps, K3, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L, ACC)
 
 
 @triton.jit
@@ -118,17 +169,17 @@ def _spatial_gate_fwd_kernel(
     w0, b0, w1, b1, w2, b2, w3, b3,  # (G, 1, K_i) depthwise conv weights, (G,) biases
     B, C, H, W, nbands, eps: tl.float64,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, SOFTMAX: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr,
+    GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     grp = tl.program_id(1)
     eps_acc = as_acc(eps, ACC)
     if tl.program_id(2) == 0:
         _gate_branch(ph_ptr, 1, 0, W, ah_ptr, nh_w, nh_b, w0, b0, w1, b1, w2, b2, w3, b3,
-                     b, grp, C, H, eps_acc, K0, K1, K2, K3, SOFTMAX, BLOCK_G, BLOCK_H, ACC)
+                     b, grp, C, H, eps_acc, K0, K1, K2, K3, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_H, ACC)
     else:
         _gate_branch(pw_ptr, nbands, B * C * W, H, aw_ptr, nw_w, nw_b, w0, b0, w1, b1, w2, b2,
-                     w3, b3, b, grp, C, W, eps_acc, K0, K1, K2, K3, SOFTMAX, BLOCK_G, BLOCK_W, ACC)
+                     w3, b3, b, grp, C, W, eps_acc, K0, K1, K2, K3, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_W, ACC)
 
 
 @triton.jit
@@ -158,21 +209,22 @@ def _gate_input(r_ptr, s_ptr, u_ptr, v_ptr, dy_ptr, ac, bc, m, li, H, W, HO, WO,
 def _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w_ptr, bias_ptr, o_ptr,
                r_ptr, s_ptr, u_ptr, v_ptr, dy_ptr, part_b, cw_at, cb_at, nrm_at, b, grp, C, L, H, W, HO, WO, HC, KH,
                KW, eps, K: tl.constexpr, PAD_TAPS: tl.constexpr, BRANCH_W: tl.constexpr, SOFTMAX: tl.constexpr,
-               BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_CS: tl.constexpr, ACC: tl.constexpr):
+               GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_CS: tl.constexpr,
+               ACC: tl.constexpr):
     # One group of one branch (DESIGN.md 3.2): gate, GroupNorm(4), conv. dz_ptr (B, C, L) holds
     # dL/dzhat, then dL/dz, between the sweeps; dsum_ptr gets dL/d(sums) = dL/d(means) / count.
     G = C // 4
     c0 = grp * G
     b64 = b.to(tl.int64)
     mean, rstd = _group_stats(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, eps,
-                              K, BLOCK_G, BLOCK_L, ACC)
+                              K, GROUP_FITS, BLOCK_G, BLOCK_L, ACC)
     li = tl.arange(0, BLOCK_L)
     s1 = tl.zeros([BLOCK_G, BLOCK_L], ACC)
     s2 = tl.zeros([BLOCK_G, BLOCK_L], ACC)
     for cs in range(0, G, BLOCK_G):
-        z, m = _conv(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, cs, K, BLOCK_G, BLOCK_L, G, ACC)
-        c = c0 + cs + tl.arange(0, BLOCK_G)
-        c_ok = c < c0 + G
+        cl, c_ok, m, row, p = _block(p_ptr, n_parts, part_stride, b, C, L, c0, cs, G, BLOCK_G, BLOCK_L, ACC)
+        z = _conv(p, p_ptr, n_parts, part_stride, row, m, cl, c_ok, count, w_ptr, bias_ptr, L, K, ACC)
+        c = c0 + cl
         off = (b64 * C + c)[:, None] * L + li[None, :]
         zhat = tl.where(m, (z - mean) * rstd, 0.0)
         a = tl.load(a_ptr + off, mask=m, other=0.0)
@@ -203,26 +255,20 @@ def _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w
         tl.store(dz_ptr + off, rstd * (dzh - m1 - zhat * m2), mask=m)
     tl.debug_barrier()
     for cs in range(0, G, BLOCK_G):
-        cl = cs + tl.arange(0, BLOCK_G)  # channel inside the group: index into the conv weights
-        c_ok = cl < G
-        m = c_ok[:, None] & (li < L)[None, :]
-        row = (b64 * C + c0 + cl)[:, None] * L
+        cl, c_ok, m, row, p = _block(p_ptr, n_parts, part_stride, b, C, L, c0, cs, G, BLOCK_G, BLOCK_L, ACC)
         dz = tl.load(dz_ptr + row + li[None, :], mask=m, other=0.0)
         tl.store(part_b + cb_at + cl, tl.sum(dz, axis=1), mask=c_ok)
         dp = tl.zeros([BLOCK_G, BLOCK_L], ACC)
         for t in range(K):
-            pos = li[None, :] + (t - K // 2)
-            valid = m & (pos >= 0) & (pos < L)
-            mean_t = _load_sum(p_ptr, n_parts, part_stride, row, pos, valid, ACC) / count
+            mean_t = _tap(p, p_ptr, n_parts, part_stride, row, m, t - K // 2, L, ACC) / count
             if PAD_TAPS:  # the zero padding is summed too (NaN x 0 is NaN), as in the eager conv
                 contrib = tl.where(m, dz * mean_t, 0.0)
             else:
-                contrib = tl.where(valid, dz * mean_t, 0.0)
+                pos = li + (t - K // 2)
+                contrib = tl.where(m & ((pos >= 0) & (pos < L))[None, :], dz * mean_t, 0.0)
             tl.store(part_b + cw_at + cl * K + t, tl.sum(contrib, axis=1), mask=c_ok)
-            src = li[None, :] - (t - K // 2)
-            ok = m & (src >= 0) & (src < L)
             w_t = tl.load(w_ptr + cl * K + t, mask=c_ok, other=0.0).to(ACC)
-            dp += w_t[:, None] * tl.load(dz_ptr + row + src, mask=ok, other=0.0)
+            dp += w_t[:, None] * _tap(dz, dz_ptr, 1, 0, row, m, K // 2 - t, L, ACC)
         tl.store(dsum_ptr + row + li[None, :], dp / count, mask=m)
 
 
@@ -231,8 +277,8 @@ def _branch_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_
                 b3, o_ptr, r_ptr, s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at, nrm_at, b, grp, C, L, H, W, HO, WO, HC,
                 KH, KW, eps, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
                 PAD0: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PAD3: tl.constexpr,
-                BRANCH_W: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
-                BLOCK_CS: tl.constexpr, ACC: tl.constexpr):
+                BRANCH_W: tl.constexpr, SOFTMAX: tl.constexpr, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr,
+                BLOCK_L: tl.constexpr, BLOCK_CS: tl.constexpr, ACC: tl.constexpr):
     # Kernel sizes differ per group, so each group gets its own unrolled tap loops. conv_at: this
     # branch's conv partials, the four groups' weights, then their biases.
     G = C // 4
@@ -240,19 +286,23 @@ def _branch_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_
     if grp == 0:
         _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w0, b0, o_ptr, r_ptr,
                    s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at, cb_at, nrm_at, b, grp, C, L, H, W, HO, WO, HC, KH, KW,
-                   eps, K0, PAD0, BRANCH_W, SOFTMAX, BLOCK_G, BLOCK_L, BLOCK_CS, ACC)
+                   eps, K0, PAD0, BRANCH_W, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L,
+                   BLOCK_CS, ACC)
     elif grp == 1:
         _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w1, b1, o_ptr, r_ptr,
                    s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at + G * K0, cb_at + G, nrm_at, b, grp, C, L, H, W, HO,
-                   WO, HC, KH, KW, eps, K1, PAD1, BRANCH_W, SOFTMAX, BLOCK_G, BLOCK_L, BLOCK_CS, ACC)
+                   WO, HC, KH, KW, eps, K1, PAD1, BRANCH_W, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L,
+                   BLOCK_CS, ACC)
     elif grp == 2:
         _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w2, b2, o_ptr, r_ptr,
                    s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at + G * (K0 + K1), cb_at + 2 * G, nrm_at, b, grp, C, L,
-                   H, W, HO, WO, HC, KH, KW, eps, K2, PAD2, BRANCH_W, SOFTMAX, BLOCK_G, BLOCK_L, BLOCK_CS, ACC)
+                   H, W, HO, WO, HC, KH, KW, eps, K2, PAD2, BRANCH_W, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L,
+                   BLOCK_CS, ACC)
     else:
         _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w3, b3, o_ptr, r_ptr,
                    s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at + G * (K0 + K1 + K2), cb_at + 3 * G, nrm_at, b, grp, C,
-                   L, H, W, HO, WO, HC, KH, KW, eps, K3, PAD3, BRANCH_W, SOFTMAX, BLOCK_G, BLOCK_L, BLOCK_CS, ACC)
+                   L, H, W, HO, WO, HC, KH, KW, eps, K3, PAD3, BRANCH_W, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L,
+                   BLOCK_CS, ACC)
 
 
 @triton.jit
@@ -270,7 +320,8 @@ def _spatial_gate_bwd_kernel(
     B, C, H, W, HO, WO, HC, KH, KW, nbands, P, eps: tl.float64,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
     PAD0: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PAD3: tl.constexpr, SOFTMAX: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_CS: tl.constexpr, ACC: tl.constexpr,
+    GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_CS: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program per (sample, channel group, branch), as in the forward.
     b = tl.program_id(0)
@@ -281,12 +332,13 @@ def _spatial_gate_bwd_kernel(
     if tl.program_id(2) == 0:
         _branch_bwd(ph_ptr, 1, 0, W, ah_ptr, dzh_ptr, dph_ptr, nh_w, w0, b0, w1, b1, w2, b2, w3, b3, o_ptr, r_ptr,
                     s_ptr, u_ptr, v_ptr, dy_ptr, part_b, 0, 2 * conv_size, b, grp, C, H, H, W, HO, WO, HC, KH, KW,
-                    eps_acc, K0, K1, K2, K3, PAD0, PAD1, PAD2, PAD3, False, SOFTMAX, BLOCK_G, BLOCK_H, BLOCK_CS, ACC)
+                    eps_acc, K0, K1, K2, K3, PAD0, PAD1, PAD2, PAD3, False, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_H,
+                    BLOCK_CS, ACC)
     else:
         _branch_bwd(pw_ptr, nbands, B * C * W, H, aw_ptr, dzw_ptr, dpw_ptr, nw_w, w0, b0, w1, b1, w2, b2, w3, b3,
                     o_ptr, r_ptr, s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_size, 2 * conv_size + 2 * C, b, grp, C, W,
-                    H, W, HO, WO, HC, KH, KW, eps_acc, K0, K1, K2, K3, PAD0, PAD1, PAD2, PAD3, True, SOFTMAX, BLOCK_G,
-                    BLOCK_W, BLOCK_CS, ACC)
+                    H, W, HO, WO, HC, KH, KW, eps_acc, K0, K1, K2, K3, PAD0, PAD1, PAD2, PAD3, True, SOFTMAX,
+                    GROUP_FITS, BLOCK_G, BLOCK_W, BLOCK_CS, ACC)
 
 
 def _group_options(C, H, W, acc, kernel_sizes, softmax, tile_share):
@@ -295,17 +347,17 @@ def _group_options(C, H, W, acc, kernel_sizes, softmax, tile_share):
     bh, bw = pow2(H), pow2(W)
     bg = max(1, min(pow2(C // 4), tile_elems(acc) // (tile_share * max(bh, bw))))
     return dict(K0=kernel_sizes[0], K1=kernel_sizes[1], K2=kernel_sizes[2], K3=kernel_sizes[3], SOFTMAX=softmax,
-                BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, ACC=tl_dtype(acc),
+                GROUP_FITS=bg >= C // 4, BLOCK_G=bg, BLOCK_H=bh, BLOCK_W=bw, ACC=tl_dtype(acc),
                 num_warps=8 if bg > 1 and bg * max(bh, bw) >= 512 else 4)
 
 
 @memo
 def _config(B, C, H, W, acc, kernel_sizes, softmax):
     """(launch options, the allocations of a_h and a_w)."""
-    # Half a plane kernel's tile: the taps keep up to nine shifted loads of it in flight (this
-    # kernel reads kilobytes; occupancy does not matter here, spills would). Warp counts chosen
-    # from ptxas reports of sm_80 and sm_90 (bench/aot_compile.py).
-    return options(**_group_options(C, H, W, acc, kernel_sizes, softmax, 2)), (dense(B, C, H), dense(B, C, W))
+    # A plane kernel's tile: a ResNet group (C / 4 channels of rows up to 64) in one, so its sums
+    # are read once and its conv computed once (the taps are gathers in registers: three tiles
+    # live). Warp counts chosen from ptxas reports of sm_80 and sm_90 (bench/aot_compile.py).
+    return options(**_group_options(C, H, W, acc, kernel_sizes, softmax, 1)), (dense(B, C, H), dense(B, C, W))
 
 
 def spatial_gate(ph, pw, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes, softmax, eps):
