@@ -28,7 +28,7 @@ def test_compiles_for_gpu_targets_without_spills():
         assert proc.returncode == 0, err[-4000:]
         rows += [json.loads(line) for line in out.splitlines()]
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_pool_fwd_kernel", "_spatial_gate_fwd_kernel", "_gated_pool_fwd_kernel",
+    assert kernels == {"_pool_fwd_kernel", "_spatial_gate_fwd_kernel", "_gated_pool_fwd_kernel", "_group_fwd_kernel",
                        "_channel_attention_fwd_kernel", "_apply_gates_kernel", "_gate_grads_bwd_kernel",
                        "_channel_attention_bwd_kernel", "_spatial_gate_bwd_kernel", "_param_grads_kernel"}
     assert {r["sm"] for r in rows} == {90}

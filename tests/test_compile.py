@@ -103,11 +103,11 @@ from scsa_ops.backends import triton_provider
 f = lambda x, *p: fused_scsa(x, p, m.config, triton_provider()[0])
 compiled = torch.compile(f, fullgraph=True, dynamic=True,
                          backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
-x = torch.randn(2, 16, 14, 14, requires_grad=True)
-try:
-    compiled(x, *m.state_dict_params())
-except Captured:
-    pass
+for shape in ((2, 16, 14, 14), (2, 16, 28, 14)):  # F1-F3 in one launch (group_forward), the separate passes
+    try:
+        compiled(torch.randn(shape, requires_grad=True), *m.state_dict_params())
+    except Captured:
+        pass
 for g in graphs:
     print([kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in g.graph.nodes
            if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)])
@@ -122,7 +122,9 @@ def test_compiling_the_triton_path_traces_its_kernels():
     res = subprocess.run([sys.executable, "-c", TRACE], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert lines == [str(["_pool_fwd_kernel", "_spatial_gate_fwd_kernel", "_gated_pool_fwd_kernel",
-                          "_channel_attention_fwd_kernel", "_apply_gates_kernel"]),
-                     str(["_gate_grads_bwd_kernel", "_channel_attention_bwd_kernel", "_spatial_gate_bwd_kernel",
-                          "_param_grads_kernel", "_apply_gates_kernel"])], res.stdout + res.stderr[-2000:]
+    backward = str(["_gate_grads_bwd_kernel", "_channel_attention_bwd_kernel", "_spatial_gate_bwd_kernel",
+                    "_param_grads_kernel", "_apply_gates_kernel"])
+    assert lines == [str(["_group_fwd_kernel", "_channel_attention_fwd_kernel", "_apply_gates_kernel"]), backward,
+                     str(["_pool_fwd_kernel", "_spatial_gate_fwd_kernel", "_gated_pool_fwd_kernel",
+                          "_channel_attention_fwd_kernel", "_apply_gates_kernel"]), backward], \
+        res.stdout + res.stderr[-2000:]

@@ -18,15 +18,17 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = {"kernel", "grid", "num_warps", "registers", "spills", "min_global_load_bits", "min_global_store_bits",
           "full_size_load_bits", "full_size_store_bits", "bytes", "model_us"}
-# The launches that read or write a full-size tensor (X, g, out, dX), forward and backward.
+# The launches that read or write a full-size tensor (X, g, out, dX): the forward's of a map that
+# takes the separate passes and of one that takes group_forward's F1-F3 launch, and the backward's.
 FULL_SIZE = {"forward": ["_pool_fwd_kernel", "_gated_pool_fwd_kernel", "_apply_gates_kernel"],
+             "group forward": ["_group_fwd_kernel", "_apply_gates_kernel"],
              "backward": ["_gate_grads_bwd_kernel", "_apply_gates_kernel"]}
 
 
 def test_dry_run_small_preset(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "model.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_model", "--preset", "small", "--shape", "1,16,14,56",
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_model", "--preset", "small", "--shape", "1,16,28,56",
                            "--dtype", "fp16", "--batch", "1", "--json", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -34,8 +36,9 @@ def test_dry_run_small_preset(tmp_path):
     assert result["target"]["arch"] == 90 and result["target"]["hbm_tb_s"] == 3.35
     cases = result["cases"]
     assert [(c["shape"], c["pass"]) for c in cases] == [([1, 64, 14, 14], "forward"), ([1, 64, 14, 14], "backward"),
-                                                       ([1, 16, 14, 56], "forward"), ([1, 16, 14, 56], "backward")]
-    assert [len(c["launches"]) for c in cases] == [5, 5, 5, 5]
+                                                       ([1, 16, 28, 56], "forward"), ([1, 16, 28, 56], "backward")]
+    # (1, 64, 14, 14) takes group_forward (F1-F3 in one launch), (1, 16, 28, 56) the separate passes.
+    assert [len(c["launches"]) for c in cases] == [3, 5, 5, 5]
     for case in cases:
         assert case["dtype"] == "fp16" and case["memory_format"] == "nchw"
         assert case["model_us"] == pytest.approx(sum(r["model_us"] for r in case["launches"]), abs=1e-2)
@@ -52,7 +55,8 @@ def test_dry_run_small_preset(tmp_path):
             assert r["bytes"] > 0 and r["model_us"] >= result["target"]["launch_us"]
             assert {r["min_global_load_bits"], r["min_global_store_bits"]} <= {8, 16, 32, 64, 128}
         full = [r for r in case["launches"] if r["full_size_load_bits"] is not None]
-        assert [r["kernel"] for r in full] == FULL_SIZE[case["pass"]]
+        grouped = case["pass"] == "forward" and case["shape"][2] == 14
+        assert [r["kernel"] for r in full] == FULL_SIZE["group forward" if grouped else case["pass"]]
         assert all(r["full_size_load_bits"] == width for r in full), full
         # Only the output / dX pass writes a full-size tensor.
         assert [r["full_size_store_bits"] for r in full] == [None] * (len(full) - 1) + [width]
@@ -60,8 +64,9 @@ def test_dry_run_small_preset(tmp_path):
 
 
 def test_host_time_counts_the_real_launch_path(tmp_path):
-    """--host times the module's calls with the launches stubbed: five launches a forward and ten a
-    forward + backward reach the stub (so only the kernels' own launch path is left out), and the
+    """--host times the module's calls with the launches stubbed: every launch of a forward (three
+    for these small maps: group_forward) and of a forward + backward (eight) reaches the stub (so only
+    the kernels' own launch path is left out), and the
     stub keeps no launch's tensors alive (each call's outputs are freed, as on a GPU)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "host.json"
@@ -72,7 +77,7 @@ def test_host_time_counts_the_real_launch_path(tmp_path):
     rows = json.loads(out.read_text())["host"]
     assert [r["shape"] for r in rows] == [[1, 64, 14, 14], [2, 16, 8, 12]]
     for r in rows:
-        assert (r["launches_forward"], r["launches_train"]) == (5, 10), r
+        assert (r["launches_forward"], r["launches_train"]) == (3, 8), r
         assert 0 < r["forward_us"] < r["train_us"], r
 
     import gc

@@ -1,5 +1,6 @@
-"""The Triton provider's forward (DESIGN.md section 2): five launches, one per pass, in order.
-Parameters holding NaN or Inf take the eager module's op sequence instead (see _eager)."""
+"""The Triton provider's forward (DESIGN.md section 2): five launches, one per pass, in order; for
+small maps F1-F3 are one launch (group_forward.py). Parameters holding NaN or Inf take the eager
+module's op sequence instead (see _eager)."""
 from typing import Optional
 
 from torch import Tensor
@@ -11,6 +12,7 @@ from ..library import acc_dtype
 from .apply_gates import apply_gates
 from .channel_attention import channel_attention
 from .gated_pool import gated_pool
+from .group_forward import group_forward, takes
 from .pool import pool
 from .spatial_gate import spatial_gate
 from .utils import alloc_like
@@ -47,8 +49,13 @@ def forward(x: Tensor, conv_weights: list[Tensor], conv_biases: list[Tensor], no
     if not parameters_finite(params):
         return _eager(x, conv_weights, conv_biases, norms, qkv_weights, qkv_biases, head_num, kh, kw, softmax)
     kernel_sizes = tuple([w.shape[-1] for w in conv_weights])
-    ph, pw = pool(x, acc_dtype(x.dtype))
-    ah, aw = spatial_gate(ph, pw, conv_weights, conv_biases, norms[0], norms[1], kernel_sizes, softmax, eps)
-    y = gated_pool(x, ah, aw, (kh, kw))
+    acc = acc_dtype(x.dtype)
+    if takes(x, (kh, kw), acc, kernel_sizes, softmax):
+        ph, pw, ah, aw, y = group_forward(x, acc, conv_weights, conv_biases, norms[0], norms[1], kernel_sizes,
+                                          softmax, (kh, kw), eps)
+    else:
+        ph, pw = pool(x, acc)
+        ah, aw = spatial_gate(ph, pw, conv_weights, conv_biases, norms[0], norms[1], kernel_sizes, softmax, eps)
+        y = gated_pool(x, ah, aw, (kh, kw))
     o = channel_attention(y, norms[2], qkv_weights, qkv_biases, head_num, eps)
     return [apply_gates(x, ah, aw, o, softmax), ph, pw, ah, aw, y, o]

@@ -28,6 +28,29 @@ from .utils import (
 
 
 @triton.jit
+def gated_pool_row(x_ptr, ah_ptr, aw_ptr, y_ptr, b, c, i, C, H, W, HO, WO, KH, KW, sxb, sxc, sxh, sxw,
+                   BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """Y of channels c (those < C) of sample b in window row i."""
+    w = tl.arange(0, BLOCK_W)
+    c_ok = c < C
+    m = c_ok[:, None] & (w < W)[None, :]
+    b64, c64 = b.to(tl.int64), c.to(tl.int64)
+    plane = x_ptr + b64 * sxb + c64[:, None] * sxc + w.to(tl.int64)[None, :] * sxw
+    acc = tl.zeros([c.shape[0], BLOCK_W], ACC)
+    # Unrolled by four: four rows' loads in flight at once (a rolled loop waits on each row's).
+    for r in tl.range(KH, loop_unroll_factor=4):
+        h = i * KH + r
+        a_h = tl.load(ah_ptr + (b64 * C + c64) * H + h, mask=c_ok, other=0.0)
+        x = tl.load(plane + h.to(tl.int64) * sxh, mask=m, other=0.0).to(ACC)
+        acc += x * a_h[:, None]
+    a_w = tl.load(aw_ptr + (b64 * C + c64)[:, None] * W + w[None, :], mask=m, other=0.0)
+    y = window_sums(acc * a_w, KW, BLOCK_J, BLOCK_K) / (KH * KW)
+    j = tl.arange(0, BLOCK_J)
+    tl.store(y_ptr + ((b64 * C + c64)[:, None] * HO + i) * WO + j[None, :], y,
+             mask=c_ok[:, None] & (j < WO)[None, :])
+
+
+@triton.jit
 def _gated_pool_fwd_kernel(
     x_ptr,  # (B, C, H, W), any strides
     ah_ptr,  # (B, C, H)
@@ -40,24 +63,8 @@ def _gated_pool_fwd_kernel(
 ):
     W, sxb, sxc, sxh = aligned(W, VEC), aligned(sxb, VEC), aligned(sxc, VEC), aligned(sxh, VEC)
     b, c = sample_channels(C, BLOCK_C)
-    i = tl.program_id(1)
-    w = tl.arange(0, BLOCK_W)
-    c_ok = c < C
-    m = c_ok[:, None] & (w < W)[None, :]
-    b64, c64 = b.to(tl.int64), c.to(tl.int64)
-    plane = x_ptr + b64 * sxb + c64[:, None] * sxc + w.to(tl.int64)[None, :] * sxw
-    acc = tl.zeros([BLOCK_C, BLOCK_W], ACC)
-    # Unrolled by four: four rows' loads in flight at once (a rolled loop waits on each row's).
-    for r in tl.range(KH, loop_unroll_factor=4):
-        h = i * KH + r
-        a_h = tl.load(ah_ptr + (b64 * C + c64) * H + h, mask=c_ok, other=0.0)
-        x = tl.load(plane + h.to(tl.int64) * sxh, mask=m, other=0.0).to(ACC)
-        acc += x * a_h[:, None]
-    a_w = tl.load(aw_ptr + (b64 * C + c64)[:, None] * W + w[None, :], mask=m, other=0.0)
-    y = window_sums(acc * a_w, KW, BLOCK_J, BLOCK_K) / (KH * KW)
-    j = tl.arange(0, BLOCK_J)
-    tl.store(y_ptr + ((b64 * C + c64)[:, None] * HO + i) * WO + j[None, :], y,
-             mask=c_ok[:, None] & (j < WO)[None, :])
+    gated_pool_row(x_ptr, ah_ptr, aw_ptr, y_ptr, b, c, tl.program_id(1), C, H, W, HO, WO, KH, KW, sxb, sxc, sxh,
+                   sxw, BLOCK_W, BLOCK_J, BLOCK_K, ACC)
 
 
 @memo

@@ -27,6 +27,27 @@ ROWS = 8
 
 
 @triton.jit
+def pool_band(x_ptr, ph_ptr, pw_ptr, b, c, band, B, C, H, W, sxb, sxc, sxh, sxw,
+              ROWS: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr):
+    """Row sums of channels c (those < C) of sample b in band `band` of ROWS rows, and the band's
+    column sums."""
+    w = tl.arange(0, BLOCK_W)
+    c_ok, w_ok = c < C, w < W
+    b64, c64, w64 = b.to(tl.int64), c.to(tl.int64), w.to(tl.int64)
+    plane = x_ptr + b64 * sxb + c64[:, None] * sxc + w64[None, :] * sxw
+    col = tl.zeros([c.shape[0], BLOCK_W], ACC)
+    for r in tl.static_range(ROWS):
+        h = band * ROWS + r
+        row_ok = c_ok & lt_block(h, H, c)
+        m = row_ok[:, None] & w_ok[None, :]
+        x = tl.load(plane + h.to(tl.int64) * sxh, mask=m, other=0.0).to(ACC)
+        tl.store(ph_ptr + (b64 * C + c64) * H + h, tl.sum(x, axis=1), mask=row_ok)
+        col += x
+    tl.store(pw_ptr + ((band * B + b64) * C + c64[:, None]) * W + w64[None, :], col,
+             mask=c_ok[:, None] & w_ok[None, :])
+
+
+@triton.jit
 def _pool_fwd_kernel(
     x_ptr,  # (B, C, H, W), any strides
     ph_ptr,  # (B, C, H) row sums, contiguous
@@ -37,21 +58,7 @@ def _pool_fwd_kernel(
 ):
     W, sxb, sxc, sxh = aligned(W, VEC), aligned(sxb, VEC), aligned(sxc, VEC), aligned(sxh, VEC)
     b, c = sample_channels(C, BLOCK_C)
-    band = tl.program_id(1)
-    w = tl.arange(0, BLOCK_W)
-    c_ok, w_ok = c < C, w < W
-    b64, c64, w64 = b.to(tl.int64), c.to(tl.int64), w.to(tl.int64)
-    plane = x_ptr + b64 * sxb + c64[:, None] * sxc + w64[None, :] * sxw
-    col = tl.zeros([BLOCK_C, BLOCK_W], ACC)
-    for r in tl.static_range(ROWS):
-        h = band * ROWS + r
-        row_ok = c_ok & lt_block(h, H, c)
-        m = row_ok[:, None] & w_ok[None, :]
-        x = tl.load(plane + h.to(tl.int64) * sxh, mask=m, other=0.0).to(ACC)
-        tl.store(ph_ptr + (b64 * C + c64) * H + h, tl.sum(x, axis=1), mask=row_ok)
-        col += x
-    tl.store(pw_ptr + ((band * B + b64) * C + c64[:, None]) * W + w64[None, :], col,
-             mask=c_ok[:, None] & w_ok[None, :])
+    pool_band(x_ptr, ph_ptr, pw_ptr, b, c, tl.program_id(1), B, C, H, W, sxb, sxc, sxh, sxw, ROWS, BLOCK_W, ACC)
 
 
 @memo

@@ -1,0 +1,83 @@
+"""The Triton forward with F1-F3 in one launch (scsa_ops/ops/triton/group_forward.py) under the
+checks the separate passes get: conftest.py keeps every other test on the separate passes, and
+here every map takes the one launch (MAX_STEPS unbounded). The backward is the same either way;
+it runs here on what the one launch saved."""
+import pytest
+import test_fused
+import test_golden
+import test_nonfinite
+import torch
+
+from bench.kernels import LaunchRecorder
+from helpers import DEVICE, assert_matches_reference, eager_and_fused, forward_backward, nonfinite_mismatches
+from scsa_ops.ops.triton import group_forward
+
+pytest.importorskip("triton")
+TRITON = ("triton", DEVICE)
+# Subsets of the other modules' cases (the interpreter's time): between them every option once
+# (heads, q/k/v bias, global pooling and windows of 3 and 5 that drop rows, the softmax gate,
+# other kernel sizes, maps of one to three bands), channels_last and 16-bit inputs.
+GOLDEN = [test_golden.CASES[i] for i in (2, 3, 4, 5, 6, 9)]
+CONFIGS = [test_fused.CONFIGS[i] for i in (4, 6, 8, 10)]
+LOW_PRECISION = [test_fused.LOW_PRECISION[i] for i in (0, 2)]
+NONFINITE = [(*test_nonfinite.CASES[0], float("nan")), (*test_nonfinite.CASES[0], float("inf")),
+             (*test_nonfinite.CASES[1], float("nan"))]
+
+
+@pytest.fixture(autouse=True)
+def _one_launch(monkeypatch):
+    monkeypatch.setattr(group_forward, "MAX_STEPS", 1 << 30)
+
+
+def test_forward_is_three_launches():
+    _, fused = eager_and_fused(dict(dim=16, head_num=2), *TRITON, torch.float32)
+    rec = LaunchRecorder()
+    try:
+        with torch.no_grad():
+            fused(torch.randn(2, 16, 9, 16, device=DEVICE))
+    finally:
+        rec.restore()
+    assert rec.names() == ["_group_fwd_kernel", "_channel_attention_fwd_kernel", "_apply_gates_kernel"]
+
+
+@pytest.mark.parametrize("shape,dtype,taken", [((32, 256, 14, 14), torch.float16, True),
+                                               ((32, 512, 7, 7), torch.float32, True),
+                                               ((32, 128, 28, 28), torch.float16, False),
+                                               ((32, 64, 56, 56), torch.float16, False)])
+def test_which_maps_take_it(shape, dtype, taken, monkeypatch):
+    """ResNet-50 stages 3 and 4 (a group in one tile, at most two bands of rows), not 1 and 2."""
+    monkeypatch.setattr(group_forward, "MAX_STEPS", 2)
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    assert group_forward.takes(x, (7, 7), torch.float32, (3, 5, 7, 9), False) == taken
+
+
+@pytest.mark.parametrize("cfg,shape", CONFIGS, ids=test_fused._ids(CONFIGS))
+def test_fp64_matches_reference(cfg, shape):
+    assert_matches_reference(cfg, shape, torch.float64, *TRITON)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("cfg,shape", LOW_PRECISION, ids=test_fused._ids(LOW_PRECISION))
+def test_bf16(cfg, shape, channels_last):
+    test_fused.test_low_precision(cfg, shape, torch.bfloat16, channels_last, TRITON)
+
+
+def test_non_dense_strides():
+    test_fused.test_non_dense_strides(TRITON)
+
+
+def test_gradcheck_autograd_function():
+    test_fused.test_gradcheck_autograd_function(TRITON)
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=[test_golden._case_id(c) for c in GOLDEN])
+def test_matches_official(case):
+    test_golden.test_matches_official(case, "triton")
+
+
+@pytest.mark.parametrize("cfg,shape,value", NONFINITE, ids=["sigmoid-nan", "sigmoid-inf", "softmax-one-window-nan"])
+def test_nonfinite_input(cfg, shape, value):
+    eager, fused = eager_and_fused(cfg, *TRITON, torch.float32)
+    x, go = test_nonfinite._inputs(shape, torch.float32, DEVICE)
+    x[0, 3, 2, 5] = value
+    assert not nonfinite_mismatches(forward_backward(fused, x, go), forward_backward(eager, x, go))
