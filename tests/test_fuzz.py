@@ -22,7 +22,7 @@ from helpers import (
 
 # Examples per provider: the Triton interpreter costs ~100x the C++ path per case.
 EXAMPLES = {"fast": {"cpp": 40, "triton": 3}, "long": {"cpp": 3000, "triton": 400}}
-NONFINITE_EXAMPLES = {"fast": {"cpp": 30, "triton": 3}, "long": {"cpp": 1500, "triton": 200}}
+NONFINITE_EXAMPLES = {"fast": {"cpp": 30, "triton": 6}, "long": {"cpp": 1500, "triton": 200}}
 PROFILE = os.environ.get("SCSA_FUZZ", "fast")
 for name, derandomize in (("fast", True), ("long", False)):
     settings.register_profile(f"scsa-{name}", deadline=None, derandomize=derandomize, print_blob=True,

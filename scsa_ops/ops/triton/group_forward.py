@@ -5,9 +5,9 @@ barrier between the three (each reads what the one before wrote, in this program
 A channel group is exactly what the spatial gate's GroupNorm(4) normalises over, so nothing
 crosses programs; what the split gives up is the finer grids of the pool (a program per band) and
 the gated pool (per window row). Where a group takes at most MAX_STEPS of those steps (ResNet-50
-stages 3 and 4: the whole group in one tile, one or two bands) that grid was no wider than four
-programs a sample, and the forward is three launches instead of five. Larger maps keep the
-separate passes, whose many programs a sample hide the latency of their rows' loads."""
+stages 3 and 4: the whole group in one tile, one or two bands) those grids had at most twice the
+programs (4 or 8 a sample), and the forward is three launches instead of five. Larger maps keep
+the separate passes, whose many programs a sample hide the latency of their rows' loads."""
 import triton
 import triton.language as tl
 
