@@ -12,7 +12,7 @@ from ..library import acc_dtype
 from .apply_gates import apply_gates
 from .channel_attention import channel_attention
 from .gated_pool import gated_pool
-from .group_forward import group_forward, takes
+from .group_forward import group_forward, plan
 from .pool import pool
 from .spatial_gate import spatial_gate
 from .utils import alloc_like
@@ -50,9 +50,10 @@ def forward(x: Tensor, conv_weights: list[Tensor], conv_biases: list[Tensor], no
         return _eager(x, conv_weights, conv_biases, norms, qkv_weights, qkv_biases, head_num, kh, kw, softmax)
     kernel_sizes = tuple([w.shape[-1] for w in conv_weights])
     acc = acc_dtype(x.dtype)
-    if takes(x, (kh, kw), acc, kernel_sizes, softmax):
-        ph, pw, ah, aw, y = group_forward(x, acc, conv_weights, conv_biases, norms[0], norms[1], kernel_sizes,
-                                          softmax, (kh, kw), eps)
+    group_plan = plan(x, (kh, kw), acc, kernel_sizes, softmax)
+    if group_plan is not None:
+        ph, pw, ah, aw, y = group_forward(x, acc, group_plan, conv_weights, conv_biases, norms[0], norms[1], (kh, kw),
+                                          eps)
     else:
         ph, pw = pool(x, acc)
         ah, aw = spatial_gate(ph, pw, conv_weights, conv_biases, norms[0], norms[1], kernel_sizes, softmax, eps)

@@ -38,6 +38,14 @@ MAX_STEPS = 2
 
 
 @triton.jit
+def _group_channels(grp, G, cs, C, BLOCK_C: tl.constexpr):
+    # Channels cs ... cs + BLOCK_C - 1 of group grp; lanes past the group get C, which the pass
+    # helpers mask (a channel of the next group there would race with that group's program).
+    cl = cs + tl.arange(0, BLOCK_C)
+    return tl.where(cl < G, grp * G + cl, C)
+
+
+@triton.jit
 def _group_fwd_kernel(
     x_ptr,  # (B, C, H, W), any strides
     ph_ptr,  # (B, C, H) out: row sums
@@ -59,8 +67,7 @@ def _group_fwd_kernel(
     grp = tl.program_id(1)
     G = C // 4
     for cs in range(0, G, BLOCK_C):  # F1
-        cl = cs + tl.arange(0, BLOCK_C)
-        c = tl.where(cl < G, grp * G + cl, C)  # lanes past the group: a channel the helpers mask
+        c = _group_channels(grp, G, cs, C, BLOCK_C)
         for band in range(nbands):
             pool_band(x_ptr, ph_ptr, pw_ptr, b, c, band, B, C, H, W, sxb, sxc, sxh, sxw, ROWS, BLOCK_W, ACC)
     tl.debug_barrier()
@@ -71,8 +78,7 @@ def _group_fwd_kernel(
                  b, grp, C, W, eps_acc, K0, K1, K2, K3, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_W, ACC)
     tl.debug_barrier()
     for cs in range(0, G, BLOCK_C):  # F3
-        cl = cs + tl.arange(0, BLOCK_C)
-        c = tl.where(cl < G, grp * G + cl, C)
+        c = _group_channels(grp, G, cs, C, BLOCK_C)
         for i in range(HO):
             gated_pool_row(x_ptr, ah_ptr, aw_ptr, y_ptr, b, c, i, C, H, W, HO, WO, KH, KW, sxb, sxc, sxh, sxw,
                            BLOCK_W, BLOCK_J, BLOCK_K, ACC)
@@ -96,16 +102,19 @@ def _config(shape, strides, dtype, acc, kh, kw, kernel_sizes, softmax):
     return cdiv(G, bc) * nbands, opts, specs
 
 
-def takes(x, window, acc, kernel_sizes, softmax):
-    """Whether the map x takes group_forward."""
-    return _config(x.shape, x.stride(), x.dtype, acc, *window, kernel_sizes, softmax)[0] <= MAX_STEPS
+def plan(x, window, acc, kernel_sizes, softmax):
+    """(launch options, allocations) of group_forward for the map x, or None where x takes the
+    separate passes."""
+    steps, opts, specs = _config(x.shape, x.stride(), x.dtype, acc, *window, kernel_sizes, softmax)
+    return (opts, specs) if steps <= MAX_STEPS else None
 
 
-def group_forward(x, acc, conv_weights, conv_biases, norm_h, norm_w, kernel_sizes, softmax, window, eps):
-    """(p_h, p_w, a_h, a_w, Y) of pool, spatial_gate and gated_pool, in one launch."""
+def group_forward(x, acc, launch_plan, conv_weights, conv_biases, norm_h, norm_w, window, eps):
+    """(p_h, p_w, a_h, a_w, Y) of pool, spatial_gate and gated_pool, in `acc` dtype, in one launch
+    (launch_plan: from plan)."""
     B, C, H, W = x.shape
     kh, kw = window
-    _, opts, specs = _config(x.shape, x.stride(), x.dtype, acc, kh, kw, kernel_sizes, softmax)
+    opts, specs = launch_plan
     ph, pw, ah, aw, y = [alloc(spec, acc, x.device) for spec in specs]
     w0, w1, w2, w3 = conv_weights
     b0, b1, b2, b3 = conv_biases
