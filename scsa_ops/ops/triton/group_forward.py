@@ -38,10 +38,15 @@ MAX_STEPS = 2
 
 
 @triton.jit
-def _group_channels(grp, G, cs, C, BLOCK_C: tl.constexpr):
+def _group_channels(grp, G, cs, C, BLOCK_C: tl.constexpr, EVEN: tl.constexpr):
     # Channels cs ... cs + BLOCK_C - 1 of group grp; lanes past the group get C, which the pass
-    # helpers mask (a channel of the next group there would race with that group's program).
+    # helpers mask (a channel of the next group there would race with that group's program). EVEN:
+    # BLOCK_C divides G (the launcher checked), so there are none, and the channels are written so
+    # that the compiler sees them contiguous from a multiple of BLOCK_C (channels_last: vector loads
+    # along C, which the tl.where made 16-bit scalar ones).
     cl = cs + tl.arange(0, BLOCK_C)
+    if EVEN:
+        return grp * aligned(G, BLOCK_C) + cl
     return tl.where(cl < G, grp * G + cl, C)
 
 
@@ -57,8 +62,8 @@ def _group_fwd_kernel(
     w0, b0, w1, b1, w2, b2, w3, b3,  # (G, 1, K_i) depthwise conv weights, (G,) biases
     B, C, H, W, HO, WO, KH, KW, nbands, eps: tl.float64,
     sxb, sxc, sxh, sxw,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    K3: tl.constexpr, SOFTMAX: tl.constexpr, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+    K2: tl.constexpr, K3: tl.constexpr, SOFTMAX: tl.constexpr, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     VEC: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -67,7 +72,7 @@ def _group_fwd_kernel(
     grp = tl.program_id(1)
     G = C // 4
     for cs in range(0, G, BLOCK_C):  # F1
-        c = _group_channels(grp, G, cs, C, BLOCK_C)
+        c = _group_channels(grp, G, cs, C, BLOCK_C, EVEN)
         for band in range(nbands):
             pool_band(x_ptr, ph_ptr, pw_ptr, b, c, band, B, C, H, W, sxb, sxc, sxh, sxw, ROWS, BLOCK_W, ACC)
     tl.debug_barrier()
@@ -78,7 +83,7 @@ def _group_fwd_kernel(
                  b, grp, C, W, eps_acc, K0, K1, K2, K3, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_W, ACC)
     tl.debug_barrier()
     for cs in range(0, G, BLOCK_C):  # F3
-        c = _group_channels(grp, G, cs, C, BLOCK_C)
+        c = _group_channels(grp, G, cs, C, BLOCK_C, EVEN)
         for i in range(HO):
             gated_pool_row(x_ptr, ah_ptr, aw_ptr, y_ptr, b, c, i, C, H, W, HO, WO, KH, KW, sxb, sxc, sxh, sxw,
                            BLOCK_W, BLOCK_J, BLOCK_K, ACC)
@@ -95,8 +100,8 @@ def _config(shape, strides, dtype, acc, kh, kw, kernel_sizes, softmax):
     bc, warps = channel_block(row_tile(W, kw), G, acc, channel_vector(strides, dtype, vec))
     gate, (ah_spec, aw_spec) = spatial_gate._config(B, C, H, W, acc, kernel_sizes, softmax)
     nbands = cdiv(H, ROWS)
-    opts = options(ROWS=ROWS, BLOCK_C=bc, **{k: gate[k] for k in ("K0", "K1", "K2", "K3", "SOFTMAX", "GROUP_FITS",
-                                                                  "BLOCK_G", "BLOCK_H", "BLOCK_W")},
+    gate_keys = ("K0", "K1", "K2", "K3", "SOFTMAX", "GROUP_FITS", "BLOCK_G", "BLOCK_H", "BLOCK_W")
+    opts = options(ROWS=ROWS, BLOCK_C=bc, EVEN=G % bc == 0, **{k: gate[k] for k in gate_keys},
                    BLOCK_J=bj, BLOCK_K=bk, VEC=vec, ACC=tl_dtype(acc), num_warps=max(warps, gate["num_warps"]))
     specs = (dense(B, C, H), dense(nbands, B, C, W), ah_spec, aw_spec, dense(B, C, H // kh, W // kw))
     return cdiv(G, bc) * nbands, opts, specs
