@@ -132,18 +132,19 @@ void gated_pool_nhwc(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T
 
 }  // namespace
 
-void gated_pool(Forward& f, int64_t b0, int64_t nb) {
+void gated_pool(Forward& f, const Part& part) {
   const int64_t C = f.C, H = f.H, W = f.W, kh = f.kh, kw = f.kw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.x.scalar_type(), "scsa_gated_pool", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* x = f.x.const_data_ptr<scalar_t>() + b0 * C * H * W;
-    const A* ah = f.ah.const_data_ptr<A>() + b0 * C * H;
-    const A* aw = f.aw.const_data_ptr<A>() + b0 * C * W;
-    A* y = f.y.data_ptr<A>() + b0 * C * (H / kh) * (W / kw);
+    const int64_t p0 = part.first_plane(C, f.channels_last);
+    const scalar_t* x = f.x.const_data_ptr<scalar_t>() + p0 * H * W;
+    const A* ah = f.ah.const_data_ptr<A>() + p0 * H;
+    const A* aw = f.aw.const_data_ptr<A>() + p0 * W;
+    A* y = f.y.data_ptr<A>() + p0 * (H / kh) * (W / kw);
     if (f.channels_last)
-      gated_pool_nhwc(x, ah, aw, y, nb, C, H, W, kh, kw);
+      gated_pool_nhwc(x, ah, aw, y, part.nb, C, H, W, kh, kw);
     else
-      gated_pool_nchw(x, ah, aw, y, nb * C, H, W, kh, kw);
+      gated_pool_nchw(x, ah, aw, y, part.planes(C), H, W, kh, kw);
   });
 }
 

@@ -76,17 +76,18 @@ void pool_nhwc(const T* x, acc_t<T>* ph, acc_t<T>* pw, int64_t B, int64_t C, int
 
 }  // namespace
 
-void pool(Forward& f, int64_t b0, int64_t nb) {
+void pool(Forward& f, const Part& part) {
   const int64_t C = f.C, H = f.H, W = f.W;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.x.scalar_type(), "scsa_pool", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* x = f.x.const_data_ptr<scalar_t>() + b0 * C * H * W;
-    A* ph = f.ph.data_ptr<A>() + b0 * C * H;
-    A* pw = f.pw.data_ptr<A>() + b0 * C * W;
+    const int64_t p0 = part.first_plane(C, f.channels_last);
+    const scalar_t* x = f.x.const_data_ptr<scalar_t>() + p0 * H * W;
+    A* ph = f.ph.data_ptr<A>() + p0 * H;
+    A* pw = f.pw.data_ptr<A>() + p0 * W;
     if (f.channels_last)
-      pool_nhwc(x, ph, pw, nb, C, H, W);
+      pool_nhwc(x, ph, pw, part.nb, C, H, W);
     else
-      pool_nchw(x, ph, pw, nb * C, H, W);
+      pool_nchw(x, ph, pw, part.planes(C), H, W);
   });
 }
 

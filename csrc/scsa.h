@@ -540,9 +540,21 @@ void channel_attention_backward(Backward& bw, int64_t b, const A* dA, A* ac);
 template <typename A>
 void spatial_gate_backward(Backward& bw, int64_t b, bool branch_w, const A* da);
 
-void pool(Forward& f, int64_t b0, int64_t nb);
-void spatial_gate(Forward& f, int64_t b0, int64_t nb);
-void gated_pool(Forward& f, int64_t b0, int64_t nb);
+// What F1-F3 run on: samples [b0, b0 + nb) and, of each, the channel groups [g0, g0 + ng) (the four
+// GroupNorm groups: nothing in F1-F3 crosses them). A part of one group is one sample's run of
+// NCHW planes; channels_last and several samples take all four.
+struct Part {
+  int64_t b0, nb, g0 = 0, ng = 4;
+  // The part's first (sample, channel) plane: the offset, in planes, of its X, sums and gates.
+  int64_t first_plane(int64_t C, bool channels_last) const {
+    TORCH_INTERNAL_ASSERT(ng == 4 || (nb == 1 && !channels_last), "scsa_cpp: a part of some groups is one NCHW sample");
+    return b0 * C + g0 * (C / 4);
+  }
+  int64_t planes(int64_t C) const { return nb * ng * (C / 4); }
+};
+void pool(Forward& f, const Part& part);
+void spatial_gate(Forward& f, const Part& part);
+void gated_pool(Forward& f, const Part& part);
 void channel_attention(Forward& f, int64_t b0, int64_t nb);
 void apply_gates(Forward& f, int64_t b0, int64_t nb);
 // nonfinite.cpp: whether every parameter is finite, and the forward for when one is not.

@@ -96,8 +96,8 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
 
 }  // namespace
 
-void spatial_gate(Forward& f, int64_t b0, int64_t nb) {
-  const int64_t C = f.C, H = f.H, W = f.W;
+void spatial_gate(Forward& f, const Part& part) {
+  const int64_t C = f.C, H = f.H, W = f.W, b0 = part.b0;
   AT_DISPATCH_FLOATING_TYPES(f.ph.scalar_type(), "scsa_spatial_gate", [&] {
     using A = scalar_t;
     const Branch branches[2] = {
@@ -106,11 +106,11 @@ void spatial_gate(Forward& f, int64_t b0, int64_t nb) {
         {f.pw.const_data_ptr<A>() + b0 * C * W, W, H, f.norm_w_weight.const_data_ptr(), f.norm_w_bias.const_data_ptr(),
          f.aw.data_ptr<A>() + b0 * C * W},
     };
-    // One task per (sample, channel group, branch): 4 groups x 2 branches per sample.
-    constexpr int64_t kTasksPerSample = 8;
-    at::parallel_for(0, nb * kTasksPerSample, 1, [&](int64_t begin, int64_t end) {
+    // One task per (sample, channel group, branch).
+    const int64_t tasks = 2 * part.ng;
+    at::parallel_for(0, part.nb * tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / kTasksPerSample, grp = t % kTasksPerSample / 2;
+        const int64_t b = t / tasks, grp = part.g0 + t % tasks / 2;
         gate_group<A>(branches[t % 2], b, grp, C, f.conv_w[grp].const_data_ptr<A>(), f.conv_b[grp].const_data_ptr<A>(),
                       f.kernel_sizes[grp], f.softmax, A(f.eps));
       }

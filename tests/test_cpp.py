@@ -115,21 +115,31 @@ def test_rank_one_attention(provider, shape, window_size):
     assert err.view(2, 2, 256)[inside].max() < 1e-6 and err.view(2, 2, 256)[~inside].max() < 1e-5
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("batch", [1, 5])
-def test_sample_major_and_pass_major_agree(provider, threads, batch):
-    """B >= 2 x threads runs sample-major, smaller batches pass-major: same numbers either way."""
-    cfg = dict(dim=32, head_num=4, gate_layer="softmax")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_major_and_pass_major_agree(provider, dtype, channels_last):
+    """B >= 2 x threads runs sample-major (NCHW: F1-F3 a channel group at a time), smaller batches
+    pass-major: every output of the op the same either way, and right. 40 channels: groups of 10,
+    whose boundaries fall inside a vector."""
+    cfg = dict(dim=40, head_num=4, gate_layer="softmax")
     ref, fused = pair(cfg, backend="cpp", device="cpu")
-    fused, ref = fused.float(), ref.float()
-    x = torch.randn(batch, 32, 15, 22)
+    x = torch.randn(3, 40, 15, 22).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = forward_args(fused.to(dtype), x)
     old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    runs = []
     try:
-        out = fused(x)
+        for threads in (1, 2):  # B = 3: sample-major on one thread, pass-major on two
+            torch.set_num_threads(threads)
+            runs.append(torch.ops.scsa_cpp.forward(*args))
     finally:
         torch.set_num_threads(old)
-    assert rel_err(out, ref.double()(x.double())) < TOL[torch.float32]
+    for name, a, b in zip(("out", "p_h", "p_w", "a_h", "a_w", "Y", "o"), *runs):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        expected = ref.double()(x.double())
+    assert rel_err(runs[0][0], expected) < 2 * TOL[dtype]
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
