@@ -13,27 +13,45 @@ import torch
 import scsa_ops
 
 
-def time_all(fns, device, reps, rounds=5):
+def time_all(fns, device, reps, rounds=5, cold=False):
     """{name: median ms per call} for a dict of zero-argument callables, timed side by side.
 
     GPU: triton.testing.do_bench (CUDA events, L2 flushed before every call, median).
     CPU: perf_counter around each call, after warm-up, in `rounds` interleaved rounds so that
-    machine noise (this kind of VM drifts by 2-3x over minutes) hits every column alike."""
+    machine noise (this kind of VM drifts by 2-3x over minutes) hits every column alike. With
+    cold=True (bench.op --cold) the CPU's caches are flushed before every call, as do_bench
+    flushes the GPU's L2: a buffer of twice the last-level cache is written, outside the timing."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return {k: do_bench(fn, warmup=25, rep=max(reps, 20), return_mode="median") for k, fn in fns.items()}
+    flush = torch.empty(2 * last_level_cache_bytes() // 4) if cold else None
     for fn in fns.values():
         for _ in range(2):
             fn()
     times = {k: [] for k in fns}
-    for _ in range(rounds):
+    for r in range(rounds):
         for k, fn in fns.items():
             for _ in range(max(1, reps // rounds)):
+                if flush is not None:
+                    flush.fill_(r)
                 t0 = time.perf_counter()
                 fn()
                 times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def last_level_cache_bytes(default=32 << 20):
+    """The largest CPU cache of cpu0 (sysfs), `default` where the system does not say."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = index.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KM")) * scale)
+        except ValueError:
+            pass
+    return max(sizes, default=default)
 
 
 def cuda_launches(fn):
@@ -59,6 +77,27 @@ def cpu_name():
     return platform.processor() or "cpu"
 
 
+def cpu_id():
+    """Family, model and cache sizes: this VM names its CPUs only "AMD EPYC" or "Intel Xeon", and
+    the kinds behind one name differ (Zen 3: 512 KiB L2 a core; Zen 4: 1 MiB, AVX512)."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model") and key not in info:
+                info[key] = value.strip()
+            if len(info) == 2:
+                break
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+            if kind != "Instruction":
+                info[f"L{level}"] = (index / "size").read_text().strip()
+    except OSError:
+        pass
+    return ", ".join(f"{k} {v}" for k, v in info.items()) or platform.processor() or "unknown"
+
+
 def machine(device):
     """Where the numbers came from: device, versions, threads, time."""
     try:
@@ -68,7 +107,8 @@ def machine(device):
     except ImportError:
         triton_version = None
     info = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-                device_type=device.type, cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                device_type=device.type, cpu=cpu_name(), cpu_id=cpu_id(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 kernels_isa=scsa_ops.cpu_capability(),  # the C++ kernels that ran: ATEN_CPU_CAPABILITY lowers both
                 cpu_count=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                 triton=triton_version, cuda=torch.version.cuda, python=platform.python_version(),
@@ -79,7 +119,8 @@ def machine(device):
 def machine_line(info):
     dev = info["device"]
     if info["device_type"] != "cuda":
-        dev += f" (torch at {info['cpu_capability']}, C++ kernels {info.get('kernels_isa')})"
+        dev += (f" ({info.get('cpu_id', 'cpu id not recorded')}; torch at {info['cpu_capability']}, "
+                f"C++ kernels {info.get('kernels_isa')})")
     return (f"{dev}, {info['threads']} threads, torch {info['torch']}, triton {info['triton']}, "
             f"{info['timestamp']}")
 

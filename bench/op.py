@@ -70,7 +70,7 @@ def _call(module, x, mode):
     return run
 
 
-def bench_case(shape, dtype_name, mode, memory_format, device, reps, compile_):
+def bench_case(shape, dtype_name, mode, memory_format, device, reps, compile_, cold=False):
     """One row: median ms of every implementation, speed-ups, bytes, bandwidth, launches."""
     c, dtype = shape[1], DTYPES[dtype_name]
     x = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=MEMORY_FORMATS[memory_format])
@@ -88,7 +88,7 @@ def bench_case(shape, dtype_name, mode, memory_format, device, reps, compile_):
         fns["fused"] = _call(fused, x, mode)
     y = x.detach()
     fns["copy"] = lambda: y.clone()
-    ms = common.time_all(fns, device, reps)
+    ms = common.time_all(fns, device, reps, cold=cold)
     row = dict(shape=list(shape), dtype=dtype_name, mode=mode, memory_format=memory_format,
                fused_backend=backend, **{f"{k}_ms": ms.get(k) for k in IMPLS})
     for base in ("eager", "compile"):
@@ -123,8 +123,9 @@ def summarise(rows):
     return out
 
 
-def print_table(rows, summary, machine):
-    print(f"\nSCSA op benchmark on {common.machine_line(machine)}")
+def print_table(rows, summary, machine, cold=False):
+    caches = "; caches flushed before every call" if cold else ""
+    print(f"\nSCSA op benchmark on {common.machine_line(machine)}{caches}")
     header = ["preset", "shape", "x", "dtype", "mode", "format", "eager ms", "compile ms", "fused ms", "copy ms",
               "vs eager", "vs compile", "fused GB/s", "of copy BW"]
     if any(r["launches"] for r in rows):
@@ -189,6 +190,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="default: 32 on a GPU, 8 on a CPU (detection: 2)")
     ap.add_argument("--reps", type=int, default=50, help="timed calls per implementation and case")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--cold", action="store_true",
+                    help="CPU: flush the caches before every timed call (as do_bench flushes a GPU's L2)")
     args = ap.parse_args(argv)
     device = common.setup(args)
     dtypes = args.dtype or (["fp16"] if device.type == "cuda" else ["fp32"])
@@ -201,14 +204,14 @@ def main(argv=None):
     rows = []
     for preset, shape, count, dt, mode, fmt in common.progress(cases, "bench.op"):
         row = dict(preset=preset, count=count, **bench_case(shape, dt, mode, fmt, device, args.reps,
-                                                            not args.no_compile))
+                                                            not args.no_compile, args.cold))
         rows.append(row)
         common.log(f"{preset} {tuple(shape)} {dt} {mode} {fmt}: fused {common.fmt(row['fused_ms'])} ms, "
                    f"eager {common.fmt(row['eager_ms'])} ms, compile {common.fmt(row['compile_ms'])} ms")
     summary = summarise(rows)
-    print_table(rows, summary, machine)
+    print_table(rows, summary, machine, args.cold and device.type == "cpu")
     payload = dict(benchmark="op", machine=machine,
-                   settings=dict(batch=batch, reps=args.reps, compile=not args.no_compile,
+                   settings=dict(batch=batch, reps=args.reps, compile=not args.no_compile, cold=args.cold,
                                  fused_units=FUSED_UNITS, timing=common.time_all.__doc__.split("\n\n")[1].strip()),
                    rows=rows, summary=summary)
     common.write_outputs(payload, args.out, lambda png: plot(rows, summary, machine, png))

@@ -3,13 +3,15 @@ PNG. Timings are not judged here (speed claims live in the benchmark's output, n
 import json
 
 import pytest
+import torch
 
 import scsa_ops
+from bench import common
 from bench import model as bench_model
 from bench import op as bench_op
 
-MACHINE = {"device", "device_type", "cpu", "cpu_capability", "kernels_isa", "cpu_count", "threads", "torch", "triton",
-           "cuda", "python", "timestamp"}
+MACHINE = {"device", "device_type", "cpu", "cpu_id", "cpu_capability", "kernels_isa", "cpu_count", "threads", "torch",
+           "triton", "cuda", "python", "timestamp"}
 OP_ROW = {"preset", "count", "shape", "dtype", "mode", "memory_format", "fused_backend", "eager_ms", "compile_ms",
           "fused_ms", "copy_ms", "speedup_vs_eager", "speedup_vs_compile", "x_bytes", "fused_modelled_bytes",
           "copy_gbps", "fused_gbps", "fused_fraction_of_copy_bw", "launches"}
@@ -24,6 +26,7 @@ def _read(path):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert set(payload["machine"]) == MACHINE and payload["machine"]["threads"] >= 1
     assert payload["machine"]["kernels_isa"] == scsa_ops.cpu_capability()
+    assert payload["machine"]["cpu_id"] == common.cpu_id() and common.cpu_id() != "unknown"
     return payload
 
 
@@ -53,11 +56,25 @@ def test_op_bench_end_to_end(tmp_path, capsys):
     assert "| tiny | (2, 16, 14, 14) |" in printed and str(out) in printed and str(out.with_suffix(".png")) in printed
 
 
-def test_op_bench_sweep_without_compile(tmp_path):
+def test_op_bench_sweep_without_compile(tmp_path, capsys, monkeypatch):
     out = tmp_path / "op.json"
+    flushes = []
+    real_fill = torch.Tensor.fill_
+
+    def fill(t, value):  # the cache flush: one buffer of twice the last-level cache, written per call
+        flushes.append(t.numel() * t.element_size())
+        return real_fill(t, value)
+
+    monkeypatch.setattr(torch.Tensor, "fill_", fill)
     bench_op.main(["--preset", "tiny", "--reps", "2", "--batch", "1", "--no-compile", "--dtype", "fp32", "bf16",
-                   "--mode", "fwd+bwd", "--memory-format", "nchw", "channels_last", "--out", str(out)])
+                   "--mode", "fwd+bwd", "--memory-format", "nchw", "channels_last", "--cold", "--out", str(out)])
+    monkeypatch.undo()
+    assert "caches flushed before every call" in capsys.readouterr().out
+    # 8 cases x 3 implementations (eager, fused, copy) x 5 rounds of one call (reps < rounds), each after a flush
+    llc = common.last_level_cache_bytes()
+    assert flushes.count(2 * llc) == 8 * 3 * 5 and llc >= 1 << 20
     payload = _read(out)
+    assert payload["settings"]["cold"] is True
     rows = payload["rows"]
     assert len(rows) == 2 * 2 * 2 and len(payload["summary"]) == 4
     assert {(r["dtype"], r["memory_format"]) for r in rows} == {(d, f) for d in ("fp32", "bf16")
