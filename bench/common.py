@@ -41,14 +41,26 @@ def time_all(fns, device, reps, rounds=5, cold=False):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def cpu_caches():
+    """{"L1": "32K", "L2": "512K", ...}: cpu0's data and unified caches as sysfs names their sizes
+    ({} where the system does not say)."""
+    caches = {}
+    try:
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+            if (index / "type").read_text().strip() != "Instruction":
+                caches[f"L{(index / 'level').read_text().strip()}"] = (index / "size").read_text().strip()
+    except OSError:
+        pass
+    return caches
+
+
 def last_level_cache_bytes(default=32 << 20):
-    """The largest CPU cache of cpu0 (sysfs), `default` where the system does not say."""
+    """The largest of cpu_caches(), `default` where the system does not say."""
     sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = index.read_text().strip().upper()
-        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+    for text in cpu_caches().values():
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:].upper(), 1)
         try:
-            sizes.append(int(text.rstrip("KM")) * scale)
+            sizes.append(int(text.rstrip("KMkm")) * scale)
         except ValueError:
             pass
     return max(sizes, default=default)
@@ -67,34 +79,30 @@ def cuda_launches(fn):
     return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
 
 
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def cpu_id():
-    """Family, model and cache sizes: this VM names its CPUs only "AMD EPYC" or "Intel Xeon", and
-    the kinds behind one name differ (Zen 3: 512 KiB L2 a core; Zen 4: 1 MiB, AVX512)."""
+def cpuinfo(*keys):
+    """{key: value} of the first line of /proc/cpuinfo for each of `keys` that has one."""
     info = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             key = key.strip()
-            if key in ("cpu family", "model") and key not in info:
+            if key in keys and key not in info:
                 info[key] = value.strip()
-            if len(info) == 2:
-                break
-        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
-            if kind != "Instruction":
-                info[f"L{level}"] = (index / "size").read_text().strip()
+                if len(info) == len(keys):
+                    break
     except OSError:
         pass
+    return info
+
+
+def cpu_name():
+    return cpuinfo("model name").get("model name") or platform.processor() or "cpu"
+
+
+def cpu_id():
+    """Family, model and cache sizes: this VM names its CPUs only "AMD EPYC" or "Intel Xeon", and
+    the kinds behind one name differ (Zen 3: 512 KiB L2 a core; Zen 4: 1 MiB, AVX512)."""
+    info = {**cpuinfo("cpu family", "model"), **cpu_caches()}
     return ", ".join(f"{k} {v}" for k, v in info.items()) or platform.processor() or "unknown"
 
 
