@@ -54,12 +54,11 @@ def _block(p_ptr, n_parts, part_stride, b, C, L, c0, cs, G, BLOCK_G: tl.constexp
 
 
 @triton.jit
-def _conv(p, p_ptr, n_parts, part_stride, row, m, cl, c_ok, count, w_ptr, bias_ptr, L, K: tl.constexpr,
-          ACC: tl.constexpr):
+def _conv(p, p_ptr, n_parts, part_stride, row, m, cl, c_ok, count, w_ptr, bias_ptr, L, K, ACC: tl.constexpr):
     # The group's depthwise conv of the sums p, as means: the conv is linear, so the sums are
     # convolved and scaled once (in ACC, not an fp32 scalar).
     z = tl.zeros_like(p)
-    for t in range(K):  # a loop, not unrolled: 8 inlined group bodies x 9 taps would bloat the code
+    for t in range(K):  # a loop, not unrolled: K is the group's, known at run time
         tap = tl.load(w_ptr + cl * K + t, mask=c_ok, other=0.0).to(ACC)
         z += tap[:, None] * _tap(p, p_ptr, n_parts, part_stride, row, m, t - K // 2, L, ACC)
     inv_count = 1.0 / (tl.zeros([p.shape[1]], ACC) + count)
@@ -77,7 +76,7 @@ def _moments(z, m, n, eps):
 
 @triton.jit
 def _group_stats(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c0, eps,
-                 K: tl.constexpr, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+                 K, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
                  ACC: tl.constexpr):
     # GroupNorm(4) statistics (mean, rstd) of the conv output of the group at channel c0: from one
     # tile when the group fits one (GROUP_FITS), else in two sweeps, the conv recomputed in each.
@@ -120,7 +119,7 @@ def _store_gate(z, m, mean, rstd, a_ptr, gn_w_ptr, gn_b_ptr, b, C, L, c, c_ok, S
 @triton.jit
 def _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w_ptr, bias_ptr,
                 b, grp, C, L, eps,
-                K: tl.constexpr, SOFTMAX: tl.constexpr, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr,
+                K, SOFTMAX: tl.constexpr, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr,
                 BLOCK_L: tl.constexpr, ACC: tl.constexpr):
     G = C // 4
     c0 = grp * G
@@ -139,24 +138,29 @@ def _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w
 
 
 @triton.jit
+def _group_conv(grp, w0, b0, w1, b1, w2, b2, w3, b3, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+                K3: tl.constexpr):
+    # Group grp's depthwise conv (weights, bias, kernel size, the taps of the groups before it),
+    # picked at run time: one inlined group body instead of four. The backward's eight copies (four
+    # groups, two branches) took 34 s to compile a (64, 56, 56) variant on a slow CPU, 5.5 s as one
+    # a branch, with no more registers.
+    first, second, third = grp == 0, grp == 1, grp == 2
+    w = tl.where(first, w0, tl.where(second, w1, tl.where(third, w2, w3)))
+    bias = tl.where(first, b0, tl.where(second, b1, tl.where(third, b2, b3)))
+    k = tl.where(first, K0, tl.where(second, K1, tl.where(third, K2, K3)))
+    taps_before = tl.where(first, 0, tl.where(second, K0, tl.where(third, K0 + K1, K0 + K1 + K2)))
+    return w, bias, k, taps_before
+
+
+@triton.jit
 def _gate_branch(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr,
                  w0, b0, w1, b1, w2, b2, w3, b3, b, grp, C, L, eps,
                  K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
                  SOFTMAX: tl.constexpr, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
                  ACC: tl.constexpr):
-    # Kernel sizes differ per group, so each group gets its own unrolled tap loop.
-    if grp == 0:
-        _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w0, b0,
-                    b, grp, C, L, eps, K0, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L, ACC)
-    elif grp == 1:
-        _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w1, b1,
-                    b, grp, C, L, eps, K1, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L, ACC)
-    elif grp == 2:
-        _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w2, b2,
-                    b, grp, C, L, eps, K2, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L, ACC)
-    else:
-        _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w3, b3,
-                    b, grp, C, L, eps, K3, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L, ACC)
+    w, bias, k, _ = _group_conv(grp, w0, b0, w1, b1, w2, b2, w3, b3, K0, K1, K2, K3)
+    _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w, bias,
+                b, grp, C, L, eps, k, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L, ACC)
 
 
 @triton.jit
@@ -208,7 +212,7 @@ def _gate_input(r_ptr, s_ptr, u_ptr, v_ptr, dy_ptr, ac, bc, m, li, H, W, HO, WO,
 @triton.jit
 def _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w_ptr, bias_ptr, o_ptr,
                r_ptr, s_ptr, u_ptr, v_ptr, dy_ptr, part_b, cw_at, cb_at, nrm_at, b, grp, C, L, H, W, HO, WO, HC, KH,
-               KW, eps, K: tl.constexpr, PAD_TAPS: tl.constexpr, BRANCH_W: tl.constexpr, SOFTMAX: tl.constexpr,
+               KW, eps, K, pad_taps, BRANCH_W: tl.constexpr, SOFTMAX: tl.constexpr,
                GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_CS: tl.constexpr,
                ACC: tl.constexpr):
     # One group of one branch (DESIGN.md 3.2): gate, GroupNorm(4), conv. dz_ptr (B, C, L) holds
@@ -261,11 +265,9 @@ def _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w
         dp = tl.zeros([BLOCK_G, BLOCK_L], ACC)
         for t in range(K):
             mean_t = _tap(p, p_ptr, n_parts, part_stride, row, m, t - K // 2, L, ACC) / count
-            if PAD_TAPS:  # the zero padding is summed too (NaN x 0 is NaN), as in the eager conv
-                contrib = tl.where(m, dz * mean_t, 0.0)
-            else:
-                pos = li + (t - K // 2)
-                contrib = tl.where(m & ((pos >= 0) & (pos < L))[None, :], dz * mean_t, 0.0)
+            # pad_taps: the zero padding is summed too (NaN x 0 is NaN), as in the eager conv
+            pos = li + (t - K // 2)
+            contrib = tl.where(m & (((pos >= 0) & (pos < L)) | pad_taps)[None, :], dz * mean_t, 0.0)
             tl.store(part_b + cw_at + cl * K + t, tl.sum(contrib, axis=1), mask=c_ok)
             w_t = tl.load(w_ptr + cl * K + t, mask=c_ok, other=0.0).to(ACC)
             dp += w_t[:, None] * _tap(dz, dz_ptr, 1, 0, row, m, K // 2 - t, L, ACC)
@@ -279,30 +281,14 @@ def _branch_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_
                 PAD0: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PAD3: tl.constexpr,
                 BRANCH_W: tl.constexpr, SOFTMAX: tl.constexpr, GROUP_FITS: tl.constexpr, BLOCK_G: tl.constexpr,
                 BLOCK_L: tl.constexpr, BLOCK_CS: tl.constexpr, ACC: tl.constexpr):
-    # Kernel sizes differ per group, so each group gets its own unrolled tap loops. conv_at: this
-    # branch's conv partials, the four groups' weights, then their biases.
+    # conv_at: this branch's conv partials, the four groups' weights, then their biases.
     G = C // 4
-    cb_at = conv_at + G * (K0 + K1 + K2 + K3)
-    if grp == 0:
-        _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w0, b0, o_ptr, r_ptr,
-                   s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at, cb_at, nrm_at, b, grp, C, L, H, W, HO, WO, HC, KH, KW,
-                   eps, K0, PAD0, BRANCH_W, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L,
-                   BLOCK_CS, ACC)
-    elif grp == 1:
-        _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w1, b1, o_ptr, r_ptr,
-                   s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at + G * K0, cb_at + G, nrm_at, b, grp, C, L, H, W, HO,
-                   WO, HC, KH, KW, eps, K1, PAD1, BRANCH_W, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L,
-                   BLOCK_CS, ACC)
-    elif grp == 2:
-        _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w2, b2, o_ptr, r_ptr,
-                   s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at + G * (K0 + K1), cb_at + 2 * G, nrm_at, b, grp, C, L,
-                   H, W, HO, WO, HC, KH, KW, eps, K2, PAD2, BRANCH_W, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L,
-                   BLOCK_CS, ACC)
-    else:
-        _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w3, b3, o_ptr, r_ptr,
-                   s_ptr, u_ptr, v_ptr, dy_ptr, part_b, conv_at + G * (K0 + K1 + K2), cb_at + 3 * G, nrm_at, b, grp, C,
-                   L, H, W, HO, WO, HC, KH, KW, eps, K3, PAD3, BRANCH_W, SOFTMAX, GROUP_FITS, BLOCK_G, BLOCK_L,
-                   BLOCK_CS, ACC)
+    w, bias, k, taps_before = _group_conv(grp, w0, b0, w1, b1, w2, b2, w3, b3, K0, K1, K2, K3)
+    pad_taps = tl.where(grp == 0, PAD0, tl.where(grp == 1, PAD1, tl.where(grp == 2, PAD2, PAD3)))
+    _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w, bias, o_ptr, r_ptr, s_ptr,
+               u_ptr, v_ptr, dy_ptr, part_b, conv_at + G * taps_before, conv_at + G * (K0 + K1 + K2 + K3 + grp), nrm_at,
+               b, grp, C, L, H, W, HO, WO, HC, KH, KW, eps, k, pad_taps, BRANCH_W, SOFTMAX, GROUP_FITS, BLOCK_G,
+               BLOCK_L, BLOCK_CS, ACC)
 
 
 @triton.jit
