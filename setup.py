@@ -5,6 +5,7 @@ Install with `pip install -e . --no-build-isolation` so the extension is compile
 already installed. Set SCSA_OPS_NO_EXT=1 to skip it: the package then builds it on first use
 (torch.utils.cpp_extension.load) or, failing that, falls back to eager with a warning. A wheel
 (`pip wheel . --no-build-isolation`) carries every module and a copy of csrc/ for that fallback."""
+import copy
 import importlib.util
 import os
 import shutil
@@ -39,15 +40,21 @@ if os.environ.get("SCSA_OPS_NO_EXT", "0") != "1":
     class BuildPerISA(BuildExtension):
         """Each instruction set's objects in a directory of their own (the modules compile the same
         sources with different flags), always under build/ in the source tree, so that every build
-        of this checkout (the editable install's, `pip wheel .`'s) reuses them through ninja."""
+        of this checkout (the editable install's, `pip wheel .`'s) reuses them through ninja. The
+        modules are independent and each is one long compile (its passes unit), so they build at
+        once (setuptools' --parallel), not one after another on one core."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if self.parallel is None:
+                self.parallel = len(self.extensions)
 
         def build_extension(self, ext):
-            base = self.build_temp
-            self.build_temp = str(ROOT.resolve() / "build" / "objects" / ext.name)
-            try:
-                super().build_extension(ext)
-            finally:
-                self.build_temp = base
+            # A copy of the command per module: the parallel build runs this in threads, and the
+            # compile and the link read their directory from the command's build_temp.
+            command = copy.copy(self)
+            command.build_temp = str(ROOT.resolve() / "build" / "objects" / ext.name)
+            BuildExtension.build_extension(command, ext)
 
     srcs = [os.path.relpath(s, ROOT) for s in build.build_sources(ROOT / "build" / "passes")]
     ext_modules = [CppExtension(build.module_name(isa), srcs, extra_compile_args=build.cxx_flags(isa),
