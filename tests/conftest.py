@@ -14,6 +14,47 @@ import pytest  # noqa: E402
 from helpers import FUSED, HAS_CUDA  # noqa: E402
 
 
+def _patch_language_once_a_launch():
+    """Triton's interpreter re-patches triton.language on every device-function call
+    (inspect.getmembers of the language modules: ~0.4 ms a call, tl.sum and tl.zeros included).
+    The patches of a launch and of its calls hold until the launch ends (a call's are never
+    undone at all), so within a launch each set of language modules (triton.language, .core) a
+    function's module holds is patched once."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_lang, launched = interpreter._patch_lang, []
+
+    def langs(fn):
+        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+
+    class LaunchScope:
+        def __init__(self, scope):
+            self.scope = scope
+
+        def restore(self):
+            launched.clear()
+            self.scope.restore()
+
+    def once_a_launch(fn):
+        if not launched:  # a kernel launch, which restores the patches when it ends
+            launched.append(langs(fn))
+            return LaunchScope(patch_lang(fn))
+        if langs(fn) <= launched[0]:
+            return None  # a device function's call (it discards the scope)
+        launched[0] |= langs(fn)
+        return patch_lang(fn)
+
+    interpreter._patch_lang = once_a_launch
+
+
+_patch_language_once_a_launch()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Each test draws the same numbers whatever ran before it (or whichever subset runs): a
