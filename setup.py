@@ -42,12 +42,14 @@ if os.environ.get("SCSA_OPS_NO_EXT", "0") != "1":
         sources with different flags), always under build/ in the source tree, so that every build
         of this checkout (the editable install's, `pip wheel .`'s) reuses them through ninja. The
         modules are independent and each is one long compile (its passes unit), so they build at
-        once (setuptools' --parallel), not one after another on one core."""
+        once (setuptools' --parallel), not one after another on one core; MAX_JOBS, which caps
+        each module's ninja, caps their number too."""
 
         def finalize_options(self):
             super().finalize_options()
             if self.parallel is None:
-                self.parallel = len(self.extensions)
+                jobs = os.environ.get("MAX_JOBS", "")
+                self.parallel = min(len(self.extensions), int(jobs)) if jobs.isdigit() else len(self.extensions)
 
         def build_extension(self, ext):
             # A copy of the command per module: the parallel build runs this in threads, and the
