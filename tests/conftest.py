@@ -44,9 +44,10 @@ def _patch_language_once_a_launch():
         if not launched:  # a kernel launch, which restores the patches when it ends
             launched.append(langs(fn))
             return LaunchScope(patch_lang(fn))
-        if langs(fn) <= launched[0]:
+        seen = langs(fn)
+        if seen <= launched[0]:
             return None  # a device function's call (it discards the scope)
-        launched[0] |= langs(fn)
+        launched[0] |= seen
         return patch_lang(fn)
 
     interpreter._patch_lang = once_a_launch

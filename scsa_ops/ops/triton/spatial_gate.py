@@ -138,18 +138,20 @@ def _gate_group(p_ptr, n_parts, part_stride, count, a_ptr, gn_w_ptr, gn_b_ptr, w
 
 
 @triton.jit
+def _of_group(grp, v0, v1, v2, v3):
+    # Group grp's value of the four (one per channel group), chosen at run time.
+    return tl.where(grp == 0, v0, tl.where(grp == 1, v1, tl.where(grp == 2, v2, v3)))
+
+
+@triton.jit
 def _group_conv(grp, w0, b0, w1, b1, w2, b2, w3, b3, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
                 K3: tl.constexpr):
     # Group grp's depthwise conv (weights, bias, kernel size, the taps of the groups before it),
     # picked at run time: one inlined group body instead of four. The backward's eight copies (four
     # groups, two branches) took 34 s to compile a (64, 56, 56) variant on a slow CPU, 5.5 s as one
     # a branch; registers (sm_90): the backward none more, the forward at most 8 more, all <= 128.
-    first, second, third = grp == 0, grp == 1, grp == 2
-    w = tl.where(first, w0, tl.where(second, w1, tl.where(third, w2, w3)))
-    bias = tl.where(first, b0, tl.where(second, b1, tl.where(third, b2, b3)))
-    k = tl.where(first, K0, tl.where(second, K1, tl.where(third, K2, K3)))
-    taps_before = tl.where(first, 0, tl.where(second, K0, tl.where(third, K0 + K1, K0 + K1 + K2)))
-    return w, bias, k, taps_before
+    return (_of_group(grp, w0, w1, w2, w3), _of_group(grp, b0, b1, b2, b3), _of_group(grp, K0, K1, K2, K3),
+            _of_group(grp, 0, K0, K0 + K1, K0 + K1 + K2))
 
 
 @triton.jit
@@ -284,7 +286,7 @@ def _branch_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_
     # conv_at: this branch's conv partials, the four groups' weights, then their biases.
     G = C // 4
     w, bias, k, taps_before = _group_conv(grp, w0, b0, w1, b1, w2, b2, w3, b3, K0, K1, K2, K3)
-    pad_taps = tl.where(grp == 0, PAD0, tl.where(grp == 1, PAD1, tl.where(grp == 2, PAD2, PAD3)))
+    pad_taps = _of_group(grp, PAD0, PAD1, PAD2, PAD3)
     _group_bwd(p_ptr, n_parts, part_stride, count, a_ptr, dz_ptr, dsum_ptr, gn_w_ptr, w, bias, o_ptr, r_ptr, s_ptr,
                u_ptr, v_ptr, dy_ptr, part_b, conv_at + G * taps_before, conv_at + G * (K0 + K1 + K2 + K3 + grp), nrm_at,
                b, grp, C, L, H, W, HO, WO, HC, KH, KW, eps, k, pad_taps, BRANCH_W, SOFTMAX, GROUP_FITS, BLOCK_G,
