@@ -55,6 +55,7 @@ void apply_planes(const T* src, T* dst, const Gates<acc_t<T>> g, int64_t begin, 
       }
       const T* s = src + (p * H + h) * W;
       T* d = dst + (p * H + h) * W;
+      prefetch_ahead<true>(d, W * int64_t(sizeof(T)));
       if (flat) {
         for (int64_t w = 0; w < W; w += L) {
           const V m = a_h * V::loadu(col + w);

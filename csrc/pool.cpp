@@ -20,6 +20,7 @@ void plane_sums(const T* plane, acc_t<T>* ph, acc_t<T>* pw, int64_t H, int64_t W
     for (int v = 0; v < NV; ++v) col[v] = V(0);
     auto sum_of_row = [&](int64_t h) {
       const T* row = plane + h * W + w0;
+      prefetch_ahead(row, NV * L * int64_t(sizeof(T)));
       V sum(0);
       for (int v = 0; v < NV; ++v) {
         const auto x = v < NF ? load(row + v * L, L) : load(row + v * L, n_tail);

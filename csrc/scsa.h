@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -358,6 +359,21 @@ inline void for_runs(int64_t len, const F& f) {
   int64_t w0 = 0;
   for (; len - w0 >= 9 * L; w0 += 8 * L) f(std::integral_constant<int, 8>{}, std::false_type{}, w0);
   if (len > w0) run_of<A>((len - w0) / L, (len - w0) % L != 0, w0, f);
+}
+
+// How far ahead of a full-size NCHW stream its software prefetch reaches. Two streams come from
+// memory, not L2: the pool's read of X (a sample's first touch) and apply_gates' write of the
+// output (each line read for ownership first). Zen 3's hardware prefetchers alone left one thread's
+// stream latency-bound: prefetching 8 KiB ahead took 5-7% off the forward at every ResNet-50 shape,
+// fp32 and bf16, caches flushed before each call (AMD EPYC, AVX2). A prefetch never faults, so
+// addresses past the tensor's end are harmless (computed as integers: no out-of-bounds pointer).
+constexpr int64_t kPrefetchBytes = 8192;
+
+// Prefetches the `bytes` starting kPrefetchBytes past p, to read (or to write: kWrite).
+template <bool kWrite = false>
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + kPrefetchBytes;
+  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(reinterpret_cast<const void*>(ahead + k), kWrite, 3);
 }
 
 // Channels per task in the channels_last passes: the vector loops run along C.
