@@ -362,10 +362,11 @@ inline void for_runs(int64_t len, const F& f) {
 }
 
 // How far ahead of a full-size NCHW stream its software prefetch reaches. Two streams come from
-// memory, not L2: the pool's read of X (a sample's first touch) and apply_gates' write of the
-// output (each line read for ownership first). Zen 3's hardware prefetchers alone left one thread's
-// stream latency-bound: prefetching 8 KiB ahead took 5-7% off the forward at every ResNet-50 shape,
-// fp32 and bf16, caches flushed before each call (AMD EPYC, AVX2). A prefetch never faults, so
+// memory, not L2: the pool's read of X (a sample's first touch) and apply_gates' write of out or
+// dX (each line read for ownership first), whose loops perf showed stalled on those accesses.
+// Prefetching 8 KiB ahead took 5-7% (fp32) and 3-7% (bf16) off the forward at every ResNet-50
+// shape, caches flushed before each call (AMD EPYC, AVX2; 2 KiB did about as well, 16-32 KiB no better;
+// the backward within noise). A prefetch never faults, so
 // addresses past the tensor's end are harmless (computed as integers: no out-of-bounds pointer).
 constexpr int64_t kPrefetchBytes = 8192;
 
