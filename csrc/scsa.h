@@ -377,6 +377,13 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
   for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(reinterpret_cast<const void*>(ahead + k), kWrite, 3);
 }
 
+// Vector registers of the instruction set, for loops that size their accumulator blocks to fit.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
 // Channels per task in the channels_last passes: the vector loops run along C.
 constexpr int64_t kChannelBlock = 64;
 // Minimum elements of X per parallel task: below this, thread hand-off costs more than it saves.
