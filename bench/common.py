@@ -41,6 +41,17 @@ def time_all(fns, device, reps, rounds=5, cold=False):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def compiled(module, **kwargs):
+    """torch.compile of `module` for the shapes it will see (dynamic=False: after a first shape
+    dynamo would otherwise go symbolic, a weaker baseline). Dynamo's caches are emptied first and a
+    hit of its recompile limit raises: the caches are keyed by code object, so every case's new
+    module of one class counts against one limit (8 in torch 2.13), past which dynamo runs the
+    frame eagerly without an error and a sweep would time eager under the compile label."""
+    torch._dynamo.reset()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(module, dynamic=False, **kwargs)
+
+
 def cpu_caches():
     """{"L1": "32K", "L2": "512K", ...}: cpu0's data and unified caches as sysfs names their sizes
     ({} where the system does not say)."""

@@ -40,10 +40,10 @@ def build_variants(name, device, compile_, channels_last, train):
         models["scsa_fused"].load_state_dict(models["scsa_eager"].state_dict())
     models = {k: m.to(device, memory_format=fmt).train(train) for k, m in models.items()}
     if compile_:
-        models["plain_compile"] = torch.compile(models["plain"], dynamic=False)  # per shape: the strongest baseline
-        models["scsa_compile"] = torch.compile(models["scsa_eager"], dynamic=False)
+        models["plain_compile"] = common.compiled(models["plain"])  # per shape: the strongest baseline
+        models["scsa_compile"] = common.compiled(models["scsa_eager"])
         if backend is not None:  # the fused ops inside a compiled network (no graph break)
-            models["scsa_fused_compile"] = torch.compile(models["scsa_fused"], fullgraph=True, dynamic=False)
+            models["scsa_fused_compile"] = common.compiled(models["scsa_fused"], fullgraph=True)
     return models, backend
 
 

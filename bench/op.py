@@ -78,9 +78,7 @@ def bench_case(shape, dtype_name, mode, memory_format, device, reps, compile_, c
     eager = SCSA(c, backend="eager").to(device, dtype).eval()
     fns = {"eager": _call(eager, x, mode)}
     if compile_:
-        # dynamic=False: compiled for this shape. Without it the second shape a process compiles
-        # recompiles with symbolic sizes (automatic dynamic shapes), a weaker baseline.
-        fns["compile"] = _call(torch.compile(eager, dynamic=False), x, mode)
+        fns["compile"] = _call(common.compiled(eager), x, mode)  # for this shape only
     backend = fused_backend(device)
     if backend is not None:
         fused = SCSA(c, backend=backend).to(device, dtype).eval()

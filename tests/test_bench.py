@@ -20,6 +20,13 @@ OP_SUMMARY = {"preset", "dtype", "mode", "memory_format", "shapes", "geomean_spe
               "network_copy_ms"}
 
 
+@pytest.fixture(autouse=True)
+def _dynamo_config():
+    """common.compiled sets dynamo's config for a benchmark's whole process; here only for the test."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=torch._dynamo.config.fail_on_recompile_limit_hit):
+        yield
+
+
 def _read(path):
     payload = json.loads(path.read_text())
     png = path.with_suffix(".png").read_bytes()
@@ -120,3 +127,16 @@ def test_model_bench_end_to_end(tmp_path, train):
     assert r["plain_images_per_s"] == pytest.approx(2e3 / r["plain_ms"])
     assert r["scsa_eager_fraction_kept"] == pytest.approx(r["plain_ms"] / r["scsa_eager_ms"])
     assert r["plain_compile_ms"] is None and r["scsa_compile_fraction_kept"] is None
+
+
+def test_compile_baseline_compiles_every_case():
+    """A sweep builds a new module and a new shape per case, and dynamo counts every one against a
+    single recompile limit per code object; past it dynamo would run the case eagerly without an
+    error, and the compile column would time eager. Each case must compile its own graph."""
+    from torch._dynamo.utils import counters
+
+    for n in range(2, torch._dynamo.config.recompile_limit + 4):
+        counters.clear()
+        f = common.compiled(torch.nn.Linear(n, 2), backend="eager")
+        assert f(torch.randn(3, n)).shape == (3, 2)
+        assert counters["stats"]["unique_graphs"] == 1, n
