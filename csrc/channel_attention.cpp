@@ -103,10 +103,11 @@ Affine<A> fold_affines(const Inputs<A>& in) {
     for (int64_t b = begin; b < end; ++b) {
       const A* yb = in.y + b * M;
       const A mu = f.mu[b] = A(chunked_sum<A>(M, [&](int64_t k, int64_t n) { return load(yb + k, n); }) / M);
-      const double var = chunked_sum<A>(M, [&](int64_t k, int64_t n) {
+      const double fp32_var = chunked_sum<A>(M, [&](int64_t k, int64_t n) {
         auto d = load(yb + k, n) - V(mu);
         return V::set(V(0), d * d, n);  // lanes past n would add mu^2
       });
+      const double var = overflow_safe_sum_sq<A>(fp32_var, yb, 1, M, M, mu);
       const A rstd = A(1 / std::sqrt(var / M + double(in.eps)));
       for (int64_t c = 0; c < C; ++c) {
         const A g = in.gn_w[c] * rstd, i = b * C + c;

@@ -62,7 +62,10 @@ void gate_group(const Branch& br, int64_t b, int64_t grp, int64_t C, const A* co
       const auto d = V::loadu(z.data() + c * Lv + l) - V(mu);
       sq += (d * d) & keep(l);
     }
-  const A rstd = A(1) / std::sqrt(reduce_sum(sq) / A(M) + eps);
+  const A sum_sq = reduce_sum(sq);
+  const A rstd = std::isfinite(sum_sq)
+                     ? A(1) / std::sqrt(sum_sq / A(M) + eps)
+                     : A(1 / std::sqrt(overflow_safe_sum_sq<A>(sum_sq, z.data(), G, L, Lv, mu) / M + double(eps)));
   // GroupNorm's affine per channel; for the sigmoid times -log2(e), for exp2. The mean is
   // subtracted, not folded into the shift, whose rounding |mu| / std(z) would amplify. Softmax
   // logits stay in natural units until the row max is subtracted: a finite logit near the fp32

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import eager_and_fused, forward_backward, nonfinite_mismatches
+from helpers import TOL, eager_and_fused, forward_backward, grad_err, nonfinite_mismatches, pair, rel_err
 from scsa_ops import SCSA
 from scsa_ops.function import parameters_finite
 from scsa_ops.schema import PARAM_NAMES, op_params
@@ -167,3 +167,31 @@ def test_invalid_backend_environment_variable(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert SCSA(8, backend="cpp")(torch.randn(1, 8, 7, 7)).shape == (1, 8, 7, 7)
+
+
+# The last: a channel group too big for one Triton tile (its statistics take two sweeps).
+@pytest.mark.parametrize("cfg,shape,scale", [(*CASES[0], 1e20), (*CASES[0], 1e30), (*CASES[1], 1e20),
+                                             (*CASES[1], 1e30), (dict(dim=64), (1, 64, 8, 128), 1e30)],
+                         ids=["sigmoid-1e20", "sigmoid-1e30", "softmax-one-window-1e20", "softmax-one-window-1e30",
+                              "group-in-sweeps-1e30"])
+def test_finite_input_whose_squares_overflow(cfg, shape, scale, fused_on):
+    """A finite fp32 input around 1e20-1e30: the GroupNorm deviations' fp32 squares overflow though
+    the variance is finite in fp64. Before, both providers took rstd = 0 there and returned wrong
+    gates with no NaN to show it (eager fp32 returns NaN there, or at 1e20 the same wrong numbers).
+    The C++ path sums those squares again in fp64 and gives the fp64 reference's output and
+    gradients; the Triton path makes the statistics NaN (a second sweep spilled a bf16 kernel)."""
+    backend, device = fused_on
+    ref, fused = pair(cfg, backend=backend, device=device)
+    x, go = _inputs(shape, torch.float32, device)
+    x = x * scale
+    expected = dict(forward_backward(ref, x.double(), go.double()))
+    actual = dict(forward_backward(fused.float(), x, go))
+    assert all(e.isfinite().all() for e in expected.values())
+    if backend == "triton":
+        assert actual["out"].isnan().all() and actual["dx"].isnan().all()
+        return
+    assert rel_err(actual["out"], expected["out"]) < TOL[torch.float32]
+    assert rel_err(actual["dx"], expected["dx"]) < TOL[torch.float32]
+    grads = {k: v for k, v in expected.items() if k.startswith("grad")}
+    errs = grad_err({k: actual[k] for k in grads}, grads, 1e-2)
+    assert max(errs.values()) < 10 * TOL[torch.float32], errs

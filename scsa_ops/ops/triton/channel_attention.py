@@ -30,9 +30,10 @@ def group_norm_stats(y_b, M, eps, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
         d = tl.where(k < M, tl.load(y_b + k, mask=k < M, other=0.0).to(ACC) - shift, 0.0)
         s1 += d
         s2 += d * d
-    mean_d = tl.sum(s1, axis=0) / M
-    rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(s2, axis=0) / M - mean_d * mean_d, 0.0) + as_acc(eps, ACC))
-    return shift + mean_d, rstd
+    mean_d, sum_sq = tl.sum(s1, axis=0) / M, tl.sum(s2, axis=0)
+    rstd = 1.0 / tl.sqrt(tl.maximum(sum_sq / M - mean_d * mean_d, 0.0) + as_acc(eps, ACC))
+    # The squares of finite values overflowed: NaN, not a wrong number (spatial_gate._overflow_is_nan).
+    return shift + mean_d, tl.where(sum_sq == float("inf"), float("nan"), rstd)
 
 
 @triton.jit

@@ -71,7 +71,16 @@ def _moments(z, m, n, eps):
     # GroupNorm statistics (mean, rstd) of the n values of z under m, centred in registers
     mean = tl.sum(tl.sum(tl.where(m, z, 0.0), axis=1), axis=0) / n
     d = tl.where(m, z - mean, 0.0)
-    return mean, 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / n + eps)
+    return mean, _overflow_is_nan(1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / n + eps))
+
+
+@triton.jit
+def _overflow_is_nan(rstd):
+    # rstd is 0 only where the squares of finite deviations overflowed (past ~1e19): gates from it
+    # would be wrong with no NaN to show it. NaN instead, so the output is NaN; the C++ path sums
+    # those squares again in fp64 and is right there (csrc/scsa.h overflow_safe_sum_sq), but a
+    # second sweep here spilled a bf16 channel-attention kernel.
+    return tl.where(rstd == 0, float("nan"), rstd)
 
 
 @triton.jit
@@ -97,7 +106,7 @@ def _group_stats(p_ptr, n_parts, part_stride, count, w_ptr, bias_ptr, b, C, L, c
         z = _conv(p, p_ptr, n_parts, part_stride, row, m, cl, c_ok, count, w_ptr, bias_ptr, L, K, ACC)
         d = tl.where(m, z - mean, 0.0)
         sq += d * d
-    return mean, 1.0 / tl.sqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / (G * L) + eps)
+    return mean, _overflow_is_nan(1.0 / tl.sqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / (G * L) + eps))
 
 
 @triton.jit
