@@ -176,8 +176,9 @@ def test_invalid_backend_environment_variable(monkeypatch):
                               "group-in-sweeps-1e30"])
 def test_finite_input_whose_squares_overflow(cfg, shape, scale, fused_on):
     """A finite fp32 input around 1e20-1e30: the GroupNorm deviations' fp32 squares overflow though
-    the variance is finite in fp64. Before, both providers took rstd = 0 there and returned wrong
-    gates with no NaN to show it (eager fp32 returns NaN there, or at 1e20 the same wrong numbers).
+    the variance is finite in fp64. Before, the C++ path took rstd = 0 there and returned wrong
+    gates with no NaN to show it, as the Triton path did at 1e20 (eager fp32 returns NaN there, or
+    at 1e20 the same wrong numbers).
     The C++ path sums those squares again in fp64 and gives the fp64 reference's output and
     gradients; the Triton path makes the statistics NaN (a second sweep spilled a bf16 kernel)."""
     backend, device = fused_on

@@ -32,7 +32,8 @@ def group_norm_stats(y_b, M, eps, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
         s2 += d * d
     mean_d, sum_sq = tl.sum(s1, axis=0) / M, tl.sum(s2, axis=0)
     rstd = 1.0 / tl.sqrt(tl.maximum(sum_sq / M - mean_d * mean_d, 0.0) + as_acc(eps, ACC))
-    # The squares of finite values overflowed: NaN, not a wrong number (spatial_gate._overflow_is_nan).
+    # Squares past the fp32 limit (finite values past ~1e19, or an Inf): NaN, not a wrong number
+    # (spatial_gate._overflow_is_nan).
     return shift + mean_d, tl.where(sum_sq == float("inf"), float("nan"), rstd)
 
 
