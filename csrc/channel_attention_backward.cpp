@@ -31,8 +31,7 @@ Projected<A> project(const Backward& bw, int64_t b) {
   double sum = 0;
   for (int64_t i = 0; i < M; ++i) sum += y[i];
   p.mu = A(sum / M);
-  double var = 0;
-  for (int64_t i = 0; i < M; ++i) var += double(y[i] - p.mu) * double(y[i] - p.mu);
+  const double var = squared_deviations(y, 1, M, M, p.mu);
   p.rstd = A(1 / std::sqrt(var / M + bw.eps));
   for (int64_t c = 0; c < C; ++c) {
     const A bq = bias ? bw.q_bias.const_data_ptr<A>()[c] : A(0), bk = bias ? bw.k_bias.const_data_ptr<A>()[c] : A(0);

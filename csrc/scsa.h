@@ -318,17 +318,25 @@ inline Vectorized<A> exp2(const Vectorized<A>& x) {
   return Vectorized<A>::blendv(e, x, x.isnan());
 }
 
-// A GroupNorm variance whose fp32 sum of squares overflowed: finite values whose deviations pass
-// sqrt(FLT_MAX) / sqrt(count) (~1e19) have a finite variance, which fp32 squares turn into inf and
-// a gate of rstd = 0, a wrong number with no NaN to show it. The sum of (x - mu)^2 over `rows` rows
-// of `len` values, `ld` apart, redone in fp64 (as the backward always sums it), where it is finite;
-// otherwise (a NaN or Inf among x) `fp32_sum`, so non-finite inputs propagate as before.
+// The sum of (x - mu)^2 over `rows` rows of `len` values, `ld` apart, squared and summed in fp64:
+// the backward's GroupNorm variances, and the forward's where fp32 overflowed.
 template <typename A>
-double overflow_safe_sum_sq(double fp32_sum, const A* x, int64_t rows, int64_t len, int64_t ld, A mu) {
-  if (std::isfinite(fp32_sum) || !std::is_same_v<A, float>) return fp32_sum;
+double squared_deviations(const A* x, int64_t rows, int64_t len, int64_t ld, A mu) {
   double sum = 0;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < len; ++i) sum += double(x[r * ld + i] - mu) * double(x[r * ld + i] - mu);
+  return sum;
+}
+
+// A GroupNorm variance whose fp32 sum of squares overflowed: finite values whose deviations pass
+// sqrt(FLT_MAX) / sqrt(count) (~1e19) have a finite variance, which fp32 squares turn into inf and
+// a gate of rstd = 0, a wrong number with no NaN to show it. The sum redone in fp64 (as the
+// backward always sums it, squared_deviations) where it is finite; otherwise (a NaN or Inf among
+// x) `fp32_sum`, so non-finite inputs propagate as before.
+template <typename A>
+double overflow_safe_sum_sq(double fp32_sum, const A* x, int64_t rows, int64_t len, int64_t ld, A mu) {
+  if (std::isfinite(fp32_sum) || !std::is_same_v<A, float>) return fp32_sum;
+  const double sum = squared_deviations(x, rows, len, ld, mu);
   return std::isfinite(sum) ? sum : fp32_sum;
 }
 

@@ -34,8 +34,7 @@ A normalised(const Group<A>& g, const std::vector<A>& mean_padded, A eps, std::v
   double sum = 0;  // sums over the group (G L terms) accumulate in fp64
   for (int64_t i = 0; i < M; ++i) sum += zhat[i];
   const A mu = A(sum / M);
-  double var = 0;
-  for (int64_t i = 0; i < M; ++i) var += double(zhat[i] - mu) * double(zhat[i] - mu);
+  const double var = squared_deviations(zhat.data(), 1, M, M, mu);
   const A rstd = A(1 / std::sqrt(var / M + double(eps)));
   for (int64_t i = 0; i < M; ++i) zhat[i] = (zhat[i] - mu) * rstd;
   return rstd;
