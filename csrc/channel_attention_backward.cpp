@@ -28,11 +28,7 @@ Projected<A> project(const Backward& bw, int64_t b) {
   const bool bias = bw.q_bias.defined();
   Projected<A> p{0, 0, std::vector<A>(M), std::vector<A>(M), std::vector<A>(M), std::vector<A>(M), std::vector<A>(C)};
   // Two-pass statistics. Sums over a whole sample (C N terms) and a channel (N) accumulate in fp64.
-  double sum = 0;
-  for (int64_t i = 0; i < M; ++i) sum += y[i];
-  p.mu = A(sum / M);
-  const double var = squared_deviations(y, 1, M, M, p.mu);
-  p.rstd = A(1 / std::sqrt(var / M + bw.eps));
+  std::tie(p.mu, p.rstd) = fp64_mean_rstd(y, M, bw.eps);
   for (int64_t c = 0; c < C; ++c) {
     const A bq = bias ? bw.q_bias.const_data_ptr<A>()[c] : A(0), bk = bias ? bw.k_bias.const_data_ptr<A>()[c] : A(0);
     const A bv = bias ? bw.v_bias.const_data_ptr<A>()[c] : A(0);

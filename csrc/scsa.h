@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -25,6 +26,7 @@
 #endif
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace scsa {
@@ -326,6 +328,16 @@ double squared_deviations(const A* x, int64_t rows, int64_t len, int64_t ld, A m
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < len; ++i) sum += double(x[r * ld + i] - mu) * double(x[r * ld + i] - mu);
   return sum;
+}
+
+// The backward's GroupNorm statistics (mean, rstd) of `n` contiguous values, both passes summed in
+// fp64.
+template <typename A>
+std::pair<A, A> fp64_mean_rstd(const A* x, int64_t n, double eps) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  const A mu = A(sum / n);
+  return {mu, A(1 / std::sqrt(squared_deviations(x, 1, n, n, mu) / n + eps))};
 }
 
 // A GroupNorm variance whose fp32 sum of squares overflowed: finite values whose deviations pass

@@ -31,11 +31,7 @@ A normalised(const Group<A>& g, const std::vector<A>& mean_padded, A eps, std::v
       store(zhat.data() + c * L + l, z, n);
     });
   }
-  double sum = 0;  // sums over the group (G L terms) accumulate in fp64
-  for (int64_t i = 0; i < M; ++i) sum += zhat[i];
-  const A mu = A(sum / M);
-  const double var = squared_deviations(zhat.data(), 1, M, M, mu);
-  const A rstd = A(1 / std::sqrt(var / M + double(eps)));
+  const auto [mu, rstd] = fp64_mean_rstd(zhat.data(), M, double(eps));  // over the group's G L terms
   for (int64_t i = 0; i < M; ++i) zhat[i] = (zhat[i] - mu) * rstd;
   return rstd;
 }
