@@ -1,5 +1,6 @@
 """Build script: the pure-Python package plus the C++ CPU extension, one module per instruction set
-(scsa_ops._C_default, _C_avx2, _C_avx512 on x86-64; scsa_ops/_build.py says why), with ninja.
+(scsa_ops._C_default_<torch>, _C_avx2_<torch>, _C_avx512_<torch> on x86-64, named after the torch
+build they are compiled against; scsa_ops/_build.py says why), with ninja.
 
 Install with `pip install -e . --no-build-isolation` so the extension is compiled against the torch
 already installed. Set SCSA_OPS_NO_EXT=1 to skip it: the package then builds it on first use

@@ -101,7 +101,9 @@ def accesses_by_param(ptx):
         op, operands = found.groups()
         access = _ACCESS.match(op + " ")
         if op.startswith("ld.param"):
-            params.setdefault(_REGISTER.findall(operands)[0], set()).add(int(_PARAM.search(operands).group(1)))
+            named = _PARAM.search(operands)  # none for a load through a register (a param-space pointer)
+            if named:
+                params.setdefault(_REGISTER.findall(operands)[0], set()).add(int(named.group(1)))
         elif access:
             kind, vec, bits = access.groups()
             address = _REGISTER.findall(operands[operands.index("["):])[0]

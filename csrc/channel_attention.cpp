@@ -157,7 +157,7 @@ struct HeadScorer {
         mx = at::vec::maximum(mx, V::set(V(A(kPadScore)), k, m));
         mn = at::vec::minimum(mn, V::set(V(A(-kPadScore)), k, m));
       });
-      kmax = reduce_max(mx), kmin = -reduce_max(-mn);
+      kmax = reduce_max(mx), kmin = -reduce_max(mn.neg());  // neg(): older at::vec has no unary minus
     }
   }
 

@@ -4,11 +4,12 @@
 The kernels use at::vec, whose instruction set is fixed at compile time (CPU_CAPABILITY), so, as
 PyTorch does with its DispatchStub kernels, every source is compiled once per instruction set
 (DEFAULT, AVX2, AVX512 on x86-64; DEFAULT elsewhere) into its own extension module,
-scsa_ops._C_<isa>; scsa_ops.ops.cpp loads the widest one torch itself dispatches to on the running
+scsa_ops._C_<isa>_<torch build>; scsa_ops.ops.cpp loads the widest one torch itself dispatches to on the running
 CPU (ATEN_CPU_CAPABILITY lowers it, as it does for torch). Only one is loaded in a process: each
 registers the same ops."""
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -34,8 +35,16 @@ def built_isas():
     return ISA_ORDER if platform.machine().lower() in ("x86_64", "amd64") else ("DEFAULT",)
 
 
+def torch_tag():
+    """The torch build a module is compiled against, as a name: a binary built against one torch
+    does not load into another (the C++ ABI of its ops and at::vec differs), so the name keeps it
+    from being tried, and builds for several torches (one venv each) sit side by side in a source
+    checkout, whose editable installs build in place."""
+    return "torch" + re.sub(r"\W", "_", str(torch.__version__))
+
+
 def module_name(isa):
-    return f"scsa_ops._C_{isa.lower()}"
+    return f"scsa_ops._C_{isa.lower()}_{torch_tag()}"
 
 
 def capability():

@@ -5,7 +5,9 @@ device. Returns a provider for scsa_ops.function, or None for the eager math.
 The decision depends only on constants (backend name, device, configuration): torch.compile runs
 it once while tracing (torch.compiler.assume_constant_result) and keeps the provider's name, so
 loading a provider (imports, a JIT build, a GPU capability query) is never traced."""
+import importlib.metadata
 import os
+import re
 import warnings
 
 import torch
@@ -13,6 +15,9 @@ import torch
 BACKENDS = ("auto", "triton", "cpp", "eager")
 ENV_VAR = "SCSA_OPS_BACKEND"
 MIN_CUDA_CAPABILITY = (8, 0)  # bf16 loads and fp64 dots in the kernels
+# The oldest triton the kernels run with: tl.gather (register regrouping) and fp64 tl.dot came with
+# 3.3 (torch 2.7's pin). torch 2.6 pins 3.2: there the Triton path is off, with one warning.
+MIN_TRITON = (3, 3)
 
 _warned = set()
 _triton = None
@@ -41,16 +46,73 @@ def env_backend():
     return env
 
 
+def _release(version):
+    return tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+
+
+def _triton_too_old():
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None  # said when the Triton path is asked for
+    if _release(version) >= MIN_TRITON:
+        return None
+    return (f"triton {version} is older than triton {'.'.join(map(str, MIN_TRITON))}, the oldest the kernels run with "
+            f"(torch {torch.__version__} is installed, and pins it); the Triton path is off, the C++ and eager paths "
+            "are unaffected: torch >= 2.7 brings a triton that runs them")
+
+
+# Why the installed triton cannot run the kernels, or None: read once, from the package's metadata
+# (no import of triton), at import time (a look-up of metadata cannot be traced by torch.compile).
+TRITON_TOO_OLD = _triton_too_old()
+
+
+def warn_if_triton_too_old():
+    """At import: one warning if the installed triton cannot run the kernels."""
+    if TRITON_TOO_OLD is not None:
+        _warn_once(f"SCSA: {TRITON_TOO_OLD}")
+
+
 def triton_provider():
     """(provider, None) or (None, why it is unavailable)."""
     global _triton
     if _triton is None:
+        if TRITON_TOO_OLD is not None:
+            _triton = (None, TRITON_TOO_OLD)
+            return _triton
         try:
             from .ops.triton import provider
             _triton = (provider, None)
         except ImportError as e:  # no wheel for this platform, or a broken install
             _triton = (None, f"Triton is not importable ({e})")
     return _triton
+
+
+_compiled = {}  # CUDA device -> None if the kernels compiled and ran there, else why not
+
+
+def first_compile(provider, device):
+    """None if the kernels compile and run on `device`, else why not: one small forward and backward
+    in fp32, once a process and device, so that a triton whose compiler cannot build them (a release
+    no test has seen) turns the Triton path off with a warning instead of failing a user's step."""
+    if device not in _compiled:
+        from .function import Config, fused_scsa
+        from .functional import module_params
+        from .reference import SCSA as Reference
+
+        try:
+            x = torch.randn(2, 8, 14, 14, device=device, requires_grad=True)
+            params = [None if p is None else p.to(device) for p in module_params(Reference(8, head_num=2))]
+            fused_scsa(x, params, Config(2, 7, "sigmoid"), provider).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            _compiled[device] = None
+        except Exception as e:  # a compiler error, a missing API, a launch failure: the Triton path cannot run
+            import triton
+
+            _compiled[device] = (f"triton {triton.__version__} with torch {torch.__version__} failed to compile or run "
+                                 f"the kernels ({type(e).__name__}: {str(e)[:300]})")
+    return _compiled[device]
 
 
 def _triton_for(device):
@@ -62,7 +124,8 @@ def _triton_for(device):
         if cap < MIN_CUDA_CAPABILITY:
             return None, (f"the Triton kernels need a GPU of compute capability >= {MIN_CUDA_CAPABILITY}, "
                           f"{torch.cuda.get_device_name(device)} has {cap}")
-        return provider, None
+        why = first_compile(provider, device)
+        return (None, why) if why else (provider, None)
     from .ops.triton import utils  # imported with the provider above
 
     if device.type == "cpu" and utils.INTERPRET:  # the mode triton.jit took when the kernels were defined

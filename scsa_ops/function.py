@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .reference import EPS, forward_parts, window_of
 from .schema import PARAMETER_ARGS, Params, in_param_order, op_args, op_params
+from .tracing import exporting
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _traceable_forward(ns):
 
 def fused_scsa(x, params, cfg: Config, provider):
     # A deployment graph (TorchScript, torch.export) is inference and records the op itself.
-    deploying = torch.jit.is_tracing() or torch.compiler.is_exporting()
+    deploying = torch.jit.is_tracing() or exporting()
     if not deploying and torch.is_grad_enabled() and (
             x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return SCSAFunction.apply(x, provider, cfg, *params)

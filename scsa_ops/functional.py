@@ -9,6 +9,7 @@ from . import backends
 from .function import Config, eager_math, fused_scsa
 from .reference import check_config, check_input, window_of
 from .schema import CONV_WEIGHTS, OPTIONAL, PARAM_NAMES, QKV_BIASES, QKV_WEIGHTS, indices, shape
+from .tracing import exporting
 
 _PARAM_PATHS = [name.split(".") for name in PARAM_NAMES]
 _QKV_BIASES = indices(QKV_BIASES)
@@ -56,7 +57,7 @@ def run(x, params, cfg: Config, backend):
 
 def _onnx_export():
     """ONNX has no fused op: its export records the reference math in standard ops."""
-    return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
+    return exporting() and torch.onnx.is_in_onnx_export()
 
 
 def module_params(module):

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import DEVICE, HAS_CUDA, pair, rel_err
+from helpers import DEVICE, HAS_CUDA, needs_triton, pair, rel_err
 from scsa_ops import SCSA, backends
 
 requires_cpu = pytest.mark.skipif(HAS_CUDA, reason="CPU-only dispatch rules")
@@ -119,3 +119,59 @@ def test_launches_on_the_inputs_device():
     x = torch.randn(2, 16, 14, 14, dtype=torch.float64, device="cuda:1")
     with torch.cuda.device(0):
         assert rel_err(fused(x), ref(x)) < 1e-12
+
+
+def test_a_triton_older_than_any_tested_turns_the_triton_path_off(monkeypatch):
+    """Read from the metadata, named with both versions: one warning at import, then the Triton path
+    says why it is off, and the C++ path is untouched."""
+    real = backends.importlib.metadata.version
+    monkeypatch.setattr(backends.importlib.metadata, "version",
+                        lambda name: "3.2.0" if name == "triton" else real(name))
+    monkeypatch.setattr(backends, "TRITON_TOO_OLD", backends._triton_too_old())
+    monkeypatch.setattr(backends, "_triton", None)
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning) as caught:
+        backends.warn_if_triton_too_old()
+        backends.warn_if_triton_too_old()
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "triton 3.2.0 is older than triton 3.3" in message and f"torch {torch.__version__}" in message
+    provider, why = backends.triton_provider()
+    assert provider is None and "triton 3.2.0" in why
+    with pytest.raises(RuntimeError, match="triton 3.2.0 is older"):
+        SCSA(16, backend="triton").to(DEVICE)(torch.randn(1, 16, 14, 14, device=DEVICE))
+    if not HAS_CUDA:
+        SCSA(16, backend="cpp")(torch.randn(1, 16, 14, 14))
+
+
+@needs_triton
+def test_a_triton_that_cannot_compile_the_kernels_turns_the_triton_path_off(monkeypatch):
+    """The first use on a device compiles and runs one small forward and backward: a failure there
+    (here a kernel that raises, as a compiler of an untested release would) is the reason the Triton
+    path is off, with both versions named, instead of an error in the user's step."""
+    from scsa_ops.ops.triton import apply_gates
+
+    provider = backends.triton_provider()[0]
+    monkeypatch.setattr(backends, "_compiled", {})
+    device = torch.device(DEVICE)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(apply_gates._apply_gates_kernel, "run", broken)
+    why = backends.first_compile(provider, device)
+    assert why.startswith("triton ") and f"torch {torch.__version__}" in why and "PassManager::run failed" in why
+    assert backends.first_compile(provider, device) is why  # once a device
+    monkeypatch.setattr(backends, "_compiled", {})
+    monkeypatch.undo()
+    assert backends.first_compile(provider, device) is None
+
+
+@requires_cpu
+@needs_triton
+def test_the_cuda_path_is_off_where_the_first_compile_fails(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(backends, "first_compile", lambda provider, device: "triton X failed to compile (test)")
+    assert backends._triton_for(torch.device("cuda")) == (None, "triton X failed to compile (test)")
+    monkeypatch.setattr(backends, "first_compile", lambda provider, device: None)
+    assert backends._triton_for(torch.device("cuda"))[0] is backends.triton_provider()[0]

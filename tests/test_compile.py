@@ -10,7 +10,7 @@ import torch
 import torch._dynamo.testing
 
 from bench.kernels import LaunchRecorder
-from helpers import HAS_CUDA, TOL, grad_err, opcheck_ops, pair, rel_err
+from helpers import HAS_CUDA, TOL, grad_err, needs_triton, opcheck_ops, pair, rel_err
 from scsa_ops.backends import triton_provider
 
 # Inductor where the provider's ops are real kernels on this machine; the interpreted Triton ops
@@ -69,6 +69,7 @@ def test_dynamic_shapes_do_not_recompile_per_size(fused_on, monkeypatch):
     assert counter.frame_count <= allowed < len(SIZES)
 
 
+@needs_triton
 @pytest.mark.parametrize("channels_last", [True])  # the layout rule's hard case; NCHW: test_cpp's opcheck
 def test_triton_opcheck(channels_last):
     provider, why = triton_provider()
@@ -114,6 +115,7 @@ for g in graphs:
 """
 
 
+@needs_triton
 def test_compiling_the_triton_path_traces_its_kernels():
     """Without the interpreter (a fresh process), the Triton ops are torch.library.triton_ops: AOT
     autograd decomposes them into the kernel launches themselves (wrap_triton), forward and

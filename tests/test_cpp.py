@@ -245,8 +245,8 @@ def test_missing_binary_is_built_on_first_use(tmp_path):
     script = (
         "import sys, logging, torch\n"
         "logging.basicConfig(level=logging.WARNING)\n"
-        f"for isa in {_build.ISA_ORDER!r}:\n"
-        "    sys.modules[f'scsa_ops._C_{isa.lower()}'] = None\n"  # makes `import` raise ImportError
+        f"for name in {[_build.module_name(isa) for isa in _build.ISA_ORDER]!r}:\n"
+        "    sys.modules[name] = None\n"  # makes `import` raise ImportError
         "from scsa_ops import SCSA\n"
         "from scsa_ops.ops import cpp\n"
         "provider, why = cpp.load()\n"

@@ -13,12 +13,17 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
-from helpers import randomize_, rel_err
+from helpers import needs_triton, randomize_, rel_err
 from scsa_ops import SCSA
 from scsa_ops.ops import cpp
 from scsa_ops.reference import SCSA as Reference
 
 SIZES = [(14, 21), (28, 28), (15, 50)]
+# Before torch 2.13 (seen on 2.6 and 2.11), export guards the eager module's avg_pool2d output size on
+# H and W being multiples of the window (the fused op's fake has no such guard).
+POOL_GUARD = torch.__version__ < "2.13"
+# torch 2.6's ONNX exporter does not say it is exporting (torch.onnx.is_in_onnx_export() stays False).
+TORCH_2_6 = torch.__version__ < "2.7"
 
 needs_cpp = pytest.mark.skipif(cpp.load()[0] is None, reason="the C++ extension is unavailable")
 
@@ -78,11 +83,17 @@ _CHECK_OUTPUTS = """
 
 def test_torch_export_dynamic_spatial_dims():
     m = _reference()
-    ep = torch.export.export(m, (torch.randn(2, 16, 14, 21),), dynamic_shapes={"x": _dims()})
-    for h, w in SIZES:
+    dims, sizes = _dims(), SIZES
+    if POOL_GUARD:
+        with pytest.raises(Exception, match="Constraints violated"):
+            torch.export.export(m, (torch.randn(2, 16, 14, 21),), dynamic_shapes={"x": dims})
+        dims = {2: 7 * Dim("_h", min=2, max=146), 3: 7 * Dim("_w", min=2, max=146)}
+        sizes = [(h, w) for h, w in SIZES if h % 7 == 0 and w % 7 == 0]
+    ep = torch.export.export(m, (torch.randn(2, 16, 14, 21),), dynamic_shapes={"x": dims})
+    for h, w in sizes:
         x = torch.randn(2, 16, h, w)
         assert rel_err(ep.module()(x), m(x)) < 1e-6
-    with pytest.raises(Exception, match="size"):
+    with pytest.raises(Exception, match="size|shape"):
         ep.module()(torch.randn(2, 16, 7, 28))  # outside the declared range: refused, not wrong
 
 
@@ -123,6 +134,7 @@ def test_export_keeps_the_fused_op_with_dynamic_sizes(window_size):
             assert rel_err(ep.module()(x), twin(x)) < 1e-5
 
 
+@needs_triton
 def test_triton_path_traces_and_exports():
     """In the interpreter (the kernels' own GPU deployment needs a GPU): both graphs record the
     scsa_triton forward op; the trace follows the input's size. The export is static: the Triton
@@ -181,6 +193,8 @@ def test_onnx_export_runs_in_onnxruntime_at_three_sizes(tmp_path):
 
 
 @needs_cpp
+@pytest.mark.skipif(TORCH_2_6, reason="torch 2.6's ONNX exporter does not mark the export, so the fused op "
+                    "cannot decompose there: scsa_ops.revert(model) first (README 'Install')")
 def test_onnx_export_of_a_fused_model_without_convert(tmp_path):
     model = _fused_model()
     run = _onnx_run(model, torch.randn(2, 3, 14, 21), (_dims(),), tmp_path)

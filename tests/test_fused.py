@@ -211,3 +211,4 @@ def test_mixed_precision_parameters(fused_on):
     assert out_f.dtype == torch.float16 and all(g.dtype == torch.float32 for g in dp_f.values())
     assert rel_err(out_f, out_r) < TOL[torch.float16]
     assert rel_err(dx_f, dx_r) < TOL[torch.float16]
+

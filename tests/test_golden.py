@@ -4,12 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DEVICE, grad_err, rel_err, run
+from helpers import DEVICE, FUSED, grad_err, rel_err, run
 from scsa_ops import SCSA
 from scsa_ops.reference import SCSA as Reference
 
 CASES = torch.load(Path(__file__).parent / "data" / "official_scsa_fp64.pt", weights_only=True)
-BACKENDS = ["reference", "eager", "triton", "cpp"]
+BACKENDS = ["reference", "eager", *(backend for backend, _ in FUSED)]
 
 
 def _case_id(case):

@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.kernels import LaunchRecorder
 from helpers import DEVICE, FUSED, HAS_CUDA, pair, rel_err
+from scsa_ops import SCSA
 from scsa_ops.ops.triton import utils
 from scsa_ops.ops.triton.apply_gates import input_grad
 from scsa_ops.ops.triton.backward import backward
@@ -99,6 +100,28 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     with torch.no_grad():
         assert torch.equal(out, fused(fresh))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_capture_of_a_training_step():
+    """The forward and the backward of a model holding the fused SCSA captured as CUDA graphs
+    (make_graphed_callables), replayed for steps of SGD: the parameters follow the eager model's."""
+    def build(backend):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), SCSA(32, head_num=4, backend=backend))
+        return model.cuda()
+
+    model, twin = build("triton"), build("eager")
+    graphed = torch.cuda.make_graphed_callables(model, (torch.randn(4, 16, 28, 28, device="cuda"),))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    for _ in range(3):
+        x = torch.randn(4, 16, 28, 28, device="cuda")
+        for m, opt in zip((graphed, twin), opts):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert rel_err(p, q) < 1e-4, name
 
 
 def test_float_arguments_are_typed_fp64(monkeypatch):

@@ -1,7 +1,8 @@
 """The C++ provider: torch.ops.scsa_cpp (csrc/ops.cpp), called through library.Provider.
 
 Loading, once per process: of the extension modules setup.py built, one per instruction set
-(scsa_ops._C_default, _C_avx2, _C_avx512), the widest that torch itself dispatches to on this CPU
+(scsa_ops._C_default_<torch>, _C_avx2_<torch>, _C_avx512_<torch>, named after the torch build they are
+compiled against), the widest that torch itself dispatches to on this CPU
 (scsa_ops/_build.py); if none imports (installed without a build, built for another torch), the
 sources are compiled for that instruction set with torch.utils.cpp_extension.load (ninja) into a
 per-torch cache and a log line says so; if that fails too, `load()` returns the reason and the

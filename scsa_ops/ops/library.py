@@ -11,6 +11,7 @@ import torch
 from torch._library.triton import is_wrap_triton_enabled, wrap_triton_enabled
 
 from .. import schema
+from ..tracing import capturing
 
 
 def acc_dtype(dtype):
@@ -118,8 +119,7 @@ class Provider:
         return f"Provider({self.ns!r})"
 
     def _call(self, which, *args):
-        capturing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-        if self._launchers is None or capturing:
+        if self._launchers is None or capturing():
             return self._ops[which](*args)
         # torch._library.triton.set_wrap_triton_enabled(False), written out: the context manager
         # costs four times its flag's own host time.

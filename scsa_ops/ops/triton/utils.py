@@ -74,21 +74,28 @@ def pow2(n):
     return p
 
 
-def options(**meta):
-    """A launch's keyword arguments (constexprs, num_warps, ...) with the register budget; built
-    once per shape in a launcher's memoised _config."""
-    return dict(meta, maxnreg=MAX_REGISTERS)
+def options(fp_fusion=True, **meta):
+    """A launch's keyword arguments (constexprs, num_warps, ...) with the register budget and the
+    kernel's choice of FMA contraction, stated rather than left to the release's default (on until
+    triton 3.9, off from 3.10), so that a kernel rounds the same way under every triton and the
+    AOT compiles (bench.aot_compile, bench.gpu_model) bind the same choice. Contraction (a * b + c
+    rounded once) is what every kernel's error bounds were established with, and none relies on
+    a product being rounded on its own. Built once per shape in a launcher's memoised _config."""
+    return dict(meta, maxnreg=MAX_REGISTERS, enable_fp_fusion=fp_fusion)
 
 
 def launch(kernel, grid, opts, *args):
     """kernel[grid](*args, **opts) (opts: from `options`) through torch.library.wrap_triton, so
     torch.compile and torch.export capture it (in eager mode wrap_triton is switched off and calls
-    the kernel itself: library.Provider). Interpreted kernels are plain Python that cannot be
-    captured (torch hands them back unwrapped): on fake tensors (shape propagation, CPU tests)
-    there is nothing to run."""
-    if not is_wrap_triton_enabled():  # eager: what kernel[grid](...) and wrap_triton would call
+    the kernel itself: library.Provider). Interpreted kernels are plain Python that wrap_triton
+    cannot capture (the ops are opaque custom ops there: register_triton_ops): they run directly,
+    except on fake tensors (shape propagation), where there is nothing to run."""
+    if INTERPRET:
+        if not any(is_fake(a) for a in args if isinstance(a, torch.Tensor)):
+            kernel.run(*args, grid=grid, warmup=False, **opts)
+    elif not is_wrap_triton_enabled():  # eager: what kernel[grid](...) and wrap_triton would call
         kernel.run(*args, grid=grid, warmup=False, **opts)
-    elif not (INTERPRET and any(is_fake(a) for a in args if isinstance(a, torch.Tensor))):
+    else:
         wrap_triton(kernel)[grid](*args, **opts)
 
 
