@@ -121,7 +121,9 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=224, help="input height and width")
     ap.add_argument("--amp", action="store_true", help="autocast (fp16 on a GPU, bf16 on a CPU)")
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--train", action="store_true", help="time a training step (forward + backward + SGD)")
+    ap.add_argument("--train", action="store_true",
+                    help="time a training step (forward, backward and an SGD step with momentum, which "
+                         "writes every parameter: new versions each step, as in training)")
     ap.add_argument("--reps", type=int, default=None, help="timed batches per variant (default: 100 GPU, 10 CPU)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="time the torch.compile variants (default: on a GPU only; compiling two ResNet-50s "

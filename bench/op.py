@@ -7,7 +7,8 @@ unavailable, never silently replaced by the eager fallback).
     python -m bench.op --preset resnet50 mobilenetv2 --dtype fp32 bf16 --mode fwd fwd+bwd \\
         --memory-format nchw channels_last [--batch 8] [--threads 2] [--no-compile]
 
-Writes a markdown table to stdout, and JSON + PNG (default bench/out/op.json, op.png).
+Writes a markdown table to stdout, and JSON + PNG (default bench/out/op.json, op.png). fwd+bwd writes
+every parameter after each backward (new versions, as an optimizer step makes), for every variant.
 Modelled bytes: DESIGN.md traffic units (full reads/writes of X) x bytes of X; GB/s of the fused
 op as a fraction of the copy's measured GB/s says how close it runs to the memory limit.
 """
@@ -63,10 +64,15 @@ def _call(module, x, mode):
                 module(x)
     else:
         g = torch.randn_like(x)
+        params = list(module.parameters())
 
         def run():
             x.grad = None
             module(x).backward(g)
+            # What an optimizer step does to the parameters as far as the op can tell: a write, so a
+            # new version of each (one foreach op; a check cached per version would show here).
+            with torch.no_grad():
+                torch._foreach_add_(params, 0.0)
     return run
 
 

@@ -130,14 +130,22 @@ std::vector<Tensor> backward(const Tensor& g, const Tensor& x, at::TensorList co
   bw.y = check_small(y, "Y", {B, C, ho, wo}, acc).view({B, C, ho * wo});
   bw.o = check_small(o, "o", {B, C}, acc);
   auto [xd, channels_last] = dense(x);
-  const Tensor gd = upstream(g, xd, channels_last);
   const auto opts = bw.ah.options();
+  Tensor dx = input_grad ? alloc(xd.sizes(), xd.options().memory_format(format_of(channels_last)))
+                         : at::empty({0}, x.options());
+  if (!parameters_finite(bw)) {
+    // A parameter holds NaN or Inf (a diverged model): every gradient NaN, so that no finite number
+    // stands where the eager module's backward has a NaN or Inf (which elements those are depends
+    // on how each eager op is written) and a GradScaler skips the step. Decided here, in the op,
+    // rather than by a host read of the parameters before the call.
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    return {dx.fill_(nan), alloc({layout(bw)}, opts).fill_(nan)};
+  }
+  const Tensor gd = upstream(g, xd, channels_last);
   std::tie(bw.r, bw.s, bw.u, bw.v) = gate_grad_sums(B, C, H, W, kh, kw, opts);
   bw.dy = alloc({B, C, ho, wo}, opts);
   bw.dph = alloc({B, C, H}, opts), bw.dpw = alloc({B, C, W}, opts);
   bw.partials = at::zeros({B, layout(bw)}, opts);
-  Tensor dx = input_grad ? alloc(xd.sizes(), xd.options().memory_format(format_of(channels_last)))
-                         : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "scsa_backward", [&] {
     auto run = [&](int64_t b0, int64_t nb) {
       gate_grads_samples(gd, xd, channels_last, bw.ah, bw.aw, bw.r, bw.s, bw.u, bw.v, kh, kw, b0, nb);

@@ -10,16 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import linecache
-import operator
-import weakref
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from .reference import EPS, forward_parts, window_of
-from .schema import PARAMETER_ARGS, Params, in_param_order, op_args, op_params
+from .schema import PARAMETER_ARGS, Params, in_param_order, op_args
 from .tracing import exporting
 
 
@@ -44,66 +41,11 @@ def _forward(x, provider, cfg, params):
         return window, provider.forward(x, params, cfg, window, EPS)
 
 
-# Per parameter set, keyed by the id of its first tensor while that tensor lives: the ids, versions
-# and data pointers of the tensors last checked, and whether all were finite. Reading the answer of
-# a check waits for the GPU, so it runs again only after a parameter was written (its version
-# counter moved) or swapped for another tensor, or given new memory through `.data` (nn.Module.to
-# and .float() / .half() convert so, keeping each tensor and its version: 1e300 in fp64 is Inf in
-# fp32). The checked tensors' storages stay referenced beside the answer, so a data pointer seen
-# again is the same memory, not a new storage at a freed address. (In-place writes through `.data`
-# bypass the version counter, as they bypass autograd's own checks.)
-_checked = {}
-_version = operator.attrgetter("_version")
-_data_ptr = torch.Tensor.data_ptr
-
-
-def parameters_finite(params):
-    """Whether every tensor of `params` (a list in schema.OP_ORDER, as both the forward and the
-    backward pass it) is finite (True while tracing: a graph cannot branch on values)."""
-    if torch.compiler.is_compiling():
-        return True
-    key = id(params[0])
-    seen = _checked.get(key)
-    try:
-        tensors = (tuple(map(id, params)), tuple(map(_version, params)))
-    except RuntimeError:  # an inference tensor: no version counter to cache by
-        tensors = None
-    # Data pointers last: a fake tensor (never cached) warns when asked for one.
-    if tensors is not None and seen is not None and seen[0] == tensors and seen[1] == tuple(map(_data_ptr, params)):
-        return seen[2]
-    if is_fake(params[0]):  # fake tensors come all together (shape propagation): nothing to read
-        return True
-    finite = bool(torch.stack([t.detach().isfinite().all() for t in params]).all())
-    if tensors is None:
-        return finite
-    try:
-        pointers, storages = tuple(map(_data_ptr, params)), [t.untyped_storage() for t in params]
-    except RuntimeError:  # a tensor without storage of its own (a wrapper subclass): not cached
-        return finite
-    if seen is None:
-        weakref.finalize(params[0], _checked.pop, key, None)
-    _checked[key] = (tensors, pointers, finite, storages)
-    return finite
-
-
 def eager_math(x, params, cfg: Config):
     """The reference math (avg or global pooling, no dropout) on parameters in PARAM_NAMES order."""
     p = Params(params)
     return forward_parts(x, p.conv_w, p.conv_b, p.norm_h, p.norm_w, p.norm_c, p.qkv_w, p.qkv_b, cfg.head_num,
                          cfg.window_size, "avg_pool", cfg.gate)[-1]
-
-
-def _eager_backward(x, params, cfg, g, needs_input_grad):
-    """The eager module's own backward, in x's dtype: with a non-finite parameter the forward ran the
-    eager ops (the providers' forward), and where NaN and Inf go in the gradients depends just as
-    much on how each op is written, and on fp16's range."""
-    x = x.detach().requires_grad_(needs_input_grad)
-    leaves = [None if t is None else t.detach().requires_grad_() for t in params]
-    with torch.enable_grad():
-        out = eager_math(x, [None if t is None else t.to(x.dtype) for t in leaves], cfg)
-        wanted = [t for t in [x, *leaves] if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, g))
-    return tuple(next(grads) if t is not None and t.requires_grad else None for t in [x, *leaves])
 
 
 class SCSAFunction(torch.autograd.Function):
@@ -123,9 +65,6 @@ class SCSAFunction(torch.autograd.Function):
                                "penalties, meta-learning); use backend='eager' for this model")
         x, ph, pw, ah, aw, y, o, *params = ctx.saved_tensors
         cfg, provider = ctx.cfg, ctx.provider
-        if not parameters_finite(op_params(params)):
-            dx, *grads = _eager_backward(x, params, cfg, g, ctx.needs_input_grad[0])
-            return (dx, None, None, *grads)
         with _device_of(x):
             dx, grads = provider.backward(g, x, params, (ph, pw, ah, aw, y, o), cfg, ctx.window, EPS,
                                           ctx.needs_input_grad[0])

@@ -81,11 +81,6 @@ def op_tensors(conv_weights, conv_biases, *rest):
     return [*conv_weights, *conv_biases, *[t for t in rest if t is not None]]
 
 
-def op_params(params):
-    """The tensors of a list in PARAM_NAMES order, in OP_ORDER, without the absent q/k/v biases."""
-    return [params[i] for i in _OP_AT if params[i] is not None]
-
-
 def in_param_order(op_grads):
     """Gradients in OP_ORDER (without the q/k/v biases if absent) -> a list in PARAM_NAMES order."""
     grads = [None] * len(PARAM_NAMES)

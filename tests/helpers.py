@@ -146,6 +146,15 @@ def nonfinite_mismatches(actual, expected):
             if not (torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf()))]
 
 
+def nonfinite_uncovered(actual, expected):
+    """Where `expected` (the eager module's forward_backward()) has a NaN or Inf and `actual` a
+    finite number: [(what, how many)], empty when every non-finite element is non-finite in actual
+    too. What a non-finite parameter must give: no finite number where eager has none (the fused
+    paths may make more elements NaN then; finite parameters are held to nonfinite_mismatches)."""
+    return [(what, (~e.isfinite() & a.isfinite()).sum().item()) for (what, a), (_, e) in zip(actual, expected)
+            if (~e.isfinite() & a.isfinite()).any()]
+
+
 # torch.library.opcheck's utilities that apply to SCSAFunction's inside ops (the AOT-dispatch ones
 # would differentiate each op on its own, which they refuse by design).
 OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")

@@ -30,8 +30,9 @@ def test_compiles_for_gpu_targets_without_spills():
         rows += [json.loads(line) for line in out.splitlines()]
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_pool_fwd_kernel", "_spatial_gate_fwd_kernel", "_gated_pool_fwd_kernel", "_group_fwd_kernel",
-                       "_channel_attention_fwd_kernel", "_apply_gates_kernel", "_gate_grads_bwd_kernel",
-                       "_channel_attention_bwd_kernel", "_spatial_gate_bwd_kernel", "_param_grads_kernel"}
+                       "_channel_attention_fwd_kernel", "_poison_logits_kernel", "_apply_gates_kernel",
+                       "_gate_grads_bwd_kernel", "_channel_attention_bwd_kernel", "_spatial_gate_bwd_kernel",
+                       "_param_grads_kernel"}
     assert {r["sm"] for r in rows} == {90}
     spilling = [r for r in rows if (r["spill_bytes"] or r["regs"] > 128) and "*fp64" not in r["ptr_types"]]
     assert spilling == [], spilling

@@ -140,3 +140,14 @@ def test_compile_baseline_compiles_every_case():
         f = common.compiled(torch.nn.Linear(n, 2), backend="eager")
         assert f(torch.randn(3, n)).shape == (3, 2)
         assert counters["stats"]["unique_graphs"] == 1, n
+
+
+def test_training_bench_gives_the_parameters_new_versions():
+    """bench.op's fwd+bwd step writes the parameters, as an optimizer does: the fused path is timed
+    as a training step sees it, with nothing cached per parameter version."""
+    module = scsa_ops.SCSA(8)
+    run = bench_op._call(module, torch.randn(1, 8, 7, 7, requires_grad=True), "fwd+bwd")
+    run()
+    versions = [p._version for p in module.parameters()]
+    run()
+    assert all(p._version > v for p, v in zip(module.parameters(), versions))

@@ -126,7 +126,9 @@ def test_compiling_the_triton_path_traces_its_kernels():
     lines = res.stdout.strip().splitlines()
     backward = str(["_gate_grads_bwd_kernel", "_channel_attention_bwd_kernel", "_spatial_gate_bwd_kernel",
                     "_param_grads_kernel", "_apply_gates_kernel"])
-    assert lines == [str(["_group_fwd_kernel", "_channel_attention_fwd_kernel", "_apply_gates_kernel"]), backward,
+    assert lines == [str(["_group_fwd_kernel", "_channel_attention_fwd_kernel", "_poison_logits_kernel",
+                          "_apply_gates_kernel"]), backward,
                      str(["_pool_fwd_kernel", "_spatial_gate_fwd_kernel", "_gated_pool_fwd_kernel",
-                          "_channel_attention_fwd_kernel", "_apply_gates_kernel"]), backward], \
+                          "_channel_attention_fwd_kernel", "_poison_logits_kernel", "_apply_gates_kernel"]),
+                     backward], \
         res.stdout + res.stderr[-2000:]

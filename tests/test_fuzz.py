@@ -17,6 +17,7 @@ from helpers import (
     eager_and_fused,
     forward_backward,
     nonfinite_mismatches,
+    nonfinite_uncovered,
     spatial_gate_condition,
 )
 
@@ -77,7 +78,8 @@ def test_fuzz_against_reference(backend, device):
 @pytest.mark.parametrize("backend,device", FUSED, ids=[b for b, _ in FUSED])
 def test_fuzz_nonfinite(backend, device):
     """NaN and +-Inf at random places in the input and in the parameters: the output, dx and every
-    parameter gradient have NaN and Inf exactly where the eager module's have them."""
+    parameter gradient have NaN and Inf exactly where the eager module's have them, or, once a
+    parameter is non-finite, at least there (tests/test_nonfinite.py says what the fused paths do)."""
     big = backend == "cpp" or HAS_CUDA
     value = st.sampled_from([float("nan"), float("inf"), float("-inf")])
 
@@ -93,7 +95,8 @@ def test_fuzz_nonfinite(backend, device):
         for _ in range(n_input):
             x.view(-1)[data.draw(st.integers(0, x.numel() - 1))] = data.draw(value)
         names = [n for n, _ in eager.named_parameters()]
-        for _ in range(data.draw(st.integers(0 if n_input else 1, 2), label="non-finite parameter elements")):
+        n_params = data.draw(st.integers(0 if n_input else 1, 2), label="non-finite parameter elements")
+        for _ in range(n_params):
             name = data.draw(st.sampled_from(names))
             i = data.draw(st.integers(0, eager.get_parameter(name).numel() - 1))
             v = data.draw(value)
@@ -102,7 +105,7 @@ def test_fuzz_nonfinite(backend, device):
                     m.get_parameter(name).view(-1)[i] = v
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        expected = forward_backward(eager, x, go)
-        assert not nonfinite_mismatches(forward_backward(fused, x, go), expected)
+        expected, actual = forward_backward(eager, x, go), forward_backward(fused, x, go)
+        assert not (nonfinite_uncovered if n_params else nonfinite_mismatches)(actual, expected)
 
     check()

@@ -37,7 +37,8 @@ def test_forward_is_three_launches():
             fused(torch.randn(2, 16, 9, 16, device=DEVICE))
     finally:
         rec.restore()
-    assert rec.names() == ["_group_fwd_kernel", "_channel_attention_fwd_kernel", "_apply_gates_kernel"]
+    assert rec.names() == ["_group_fwd_kernel", "_channel_attention_fwd_kernel", "_poison_logits_kernel",
+                           "_apply_gates_kernel"]
 
 
 @pytest.mark.parametrize("shape,dtype,taken", [((32, 256, 14, 14), torch.float16, True),

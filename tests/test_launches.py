@@ -51,7 +51,7 @@ def test_launch_budget(monkeypatch, cfg):
     with FullSizeOps(x.numel(), rec) as mode:
         out = fused(x)
     assert rec.names() == ["_pool_fwd_kernel", "_spatial_gate_fwd_kernel", "_gated_pool_fwd_kernel",
-                           "_channel_attention_fwd_kernel", "_apply_gates_kernel"]
+                           "_channel_attention_fwd_kernel", "_poison_logits_kernel", "_apply_gates_kernel"]
     assert mode.ops == [], mode.ops
     rec.launches.clear()
     g = torch.randn_like(out)
@@ -79,6 +79,44 @@ def test_no_host_sync_in_forward(monkeypatch, backend, device):
     if backend == "triton":
         LaunchRecorder(monkeypatch, execute=False)  # the interpreter itself reads values on the host
     fused(x)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value on the host (a GPU synchronisation)."""
+
+    READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.READS:
+            self.reads.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend,device", FUSED, ids=[b for b, _ in FUSED])
+def test_no_host_read_in_a_training_step(monkeypatch, backend, device):
+    """Forward, backward and an SGD step of a model holding the fused SCSA read no device value on
+    the host, with the parameters' versions new at every step (no check is cached between steps)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), SCSA(16, head_num=2, backend=backend)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(2, 8, 14, 14, device=device)
+
+    def step():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+    step()  # the provider is loaded (imports, a JIT build, the first compile on a GPU) before the count
+    if backend == "triton" and not HAS_CUDA:
+        LaunchRecorder(monkeypatch, execute=False)  # the interpreter itself reads values on the host
+    with HostReads() as mode:
+        for _ in range(2):
+            step()
+    assert mode.reads == []
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graph capture needs a GPU")
