@@ -9,7 +9,6 @@ from . import backends
 from .function import Config, eager_math, fused_scsa
 from .reference import check_config, check_input, window_of
 from .schema import CONV_WEIGHTS, OPTIONAL, PARAM_NAMES, QKV_BIASES, QKV_WEIGHTS, indices, shape
-from .tracing import exporting
 
 _PARAM_PATHS = [name.split(".") for name in PARAM_NAMES]
 _QKV_BIASES = indices(QKV_BIASES)
@@ -56,8 +55,9 @@ def run(x, params, cfg: Config, backend):
 
 
 def _onnx_export():
-    """ONNX has no fused op: its export records the reference math in standard ops."""
-    return exporting() and torch.onnx.is_in_onnx_export()
+    """ONNX has no fused op: both exporters (dynamo=False, which traces with TorchScript, and the
+    dynamo one, where torch >= 2.7 sets this flag too) record the reference math in standard ops."""
+    return torch.onnx.is_in_onnx_export()
 
 
 def module_params(module):

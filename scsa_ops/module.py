@@ -14,15 +14,16 @@ from .reference import check_input
 
 
 class SCSA(ReferenceSCSA):
-    """Drop-in SCSA: official constructor plus `backend` ('auto' | 'triton' | 'cpp' | 'eager')."""
+    """Drop-in SCSA: official constructor plus `backend` ('auto' | 'triton' | 'cpp' | 'eager') and
+    torch.nn's factory keywords `device` and `dtype`."""
 
     def __init__(self, dim: int, head_num: int = 1, window_size: int = 7,
                  group_kernel_sizes: Sequence[int] = (3, 5, 7, 9), qkv_bias: bool = False,
                  fuse_bn: bool = False, norm_cfg: Optional[dict] = None, act_cfg: Optional[dict] = None,
                  down_sample_mode: str = "avg_pool", attn_drop_ratio: float = 0.0,
-                 gate_layer: str = "sigmoid", backend: str = "auto"):
+                 gate_layer: str = "sigmoid", backend: str = "auto", *, device=None, dtype=None):
         super().__init__(dim, head_num, window_size, group_kernel_sizes, qkv_bias, fuse_bn, norm_cfg,
-                         act_cfg, down_sample_mode, attn_drop_ratio, gate_layer)
+                         act_cfg, down_sample_mode, attn_drop_ratio, gate_layer, device=device, dtype=dtype)
         self.backend = backends.check_backend(backend)
         self.config = Config(self.head_num, self.window_size, gate_layer)
 

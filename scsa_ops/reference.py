@@ -30,7 +30,9 @@ def _group_norm(x, groups, weight, bias):
 def spatial_gate(p, conv_weights, conv_biases, norm_weight, norm_bias, gate):
     """(B, C, L) row or column means -> (B, C, L) gate: 4 depthwise convs, GroupNorm(4), gate."""
     groups = p.chunk(4, dim=1)
-    z = torch.cat([F.conv1d(pg, w, b, padding=w.shape[-1] // 2, groups=pg.shape[1])
+    # int(): the kernel size and the channels are static; torch 2.6's ONNX tracer (dynamo=False)
+    # would otherwise record the sizes as tensors, which conv1d takes for no padding at all.
+    z = torch.cat([F.conv1d(pg, w, b, padding=int(w.shape[-1]) // 2, groups=int(pg.shape[1]))
                    for pg, w, b in zip(groups, conv_weights, conv_biases)], dim=1)
     z = _group_norm(z, 4, norm_weight, norm_bias)
     return z.softmax(dim=2) if gate == "softmax" else z.sigmoid()
@@ -126,14 +128,16 @@ class SCSA(nn.Module):
     """Reference SCSA with the official constructor, options and state-dict names.
 
     `fuse_bn`, `norm_cfg` and `act_cfg` are accepted (and unused, as in the official code) so that
-    official configs construct unchanged."""
+    official configs construct unchanged; `device` and `dtype` are torch.nn's factory keywords (timm
+    passes them), where and in what dtype the parameters are created."""
 
     def __init__(self, dim: int, head_num: int = 1, window_size: int = 7,
                  group_kernel_sizes: Sequence[int] = (3, 5, 7, 9), qkv_bias: bool = False,
                  fuse_bn: bool = False, norm_cfg: Optional[dict] = None, act_cfg: Optional[dict] = None,
                  down_sample_mode: str = "avg_pool", attn_drop_ratio: float = 0.0,
-                 gate_layer: str = "sigmoid"):
+                 gate_layer: str = "sigmoid", *, device=None, dtype=None):
         super().__init__()
+        factory = dict(device=device, dtype=dtype)  # where and in what dtype the parameters are made
         dim, head_num, window_size, ks = check_config(dim, head_num, window_size, group_kernel_sizes,
                                                       down_sample_mode, attn_drop_ratio, gate_layer)
         self.dim, self.head_num, self.head_dim = dim, head_num, dim // head_num
@@ -146,16 +150,16 @@ class SCSA(nn.Module):
         self.gate_layer = gate_layer
         self.group_chans = g = dim // 4
         for name, k in zip(CONVS, ks):
-            setattr(self, name, nn.Conv1d(g, g, kernel_size=k, padding=k // 2, groups=g))
+            setattr(self, name, nn.Conv1d(g, g, kernel_size=k, padding=k // 2, groups=g, **factory))
         # The official class's parameter-free submodules, in its order (state dict unchanged): code
         # written for it reads them. gate_layer chooses the gates; attn_drop holds the dropout rate.
         self.sa_gate = nn.Softmax(dim=2) if gate_layer == "softmax" else nn.Sigmoid()
-        self.norm_h = nn.GroupNorm(4, dim)
-        self.norm_w = nn.GroupNorm(4, dim)
-        self.norm = nn.GroupNorm(1, dim)
-        self.q = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim)
-        self.k = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim)
-        self.v = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim)
+        self.norm_h = nn.GroupNorm(4, dim, **factory)
+        self.norm_w = nn.GroupNorm(4, dim, **factory)
+        self.norm = nn.GroupNorm(1, dim, **factory)
+        self.q = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim, **factory)
+        self.k = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim, **factory)
+        self.v = nn.Conv2d(dim, dim, 1, bias=qkv_bias, groups=dim, **factory)
         self.attn_drop = nn.Dropout(attn_drop_ratio)
         self.ca_gate = nn.Softmax(dim=1) if gate_layer == "softmax" else nn.Sigmoid()
 

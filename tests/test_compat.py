@@ -78,3 +78,17 @@ def test_global_window_with_any_down_sample_mode(backend, mode):
     x = torch.randn(2, 16, 9, 13, dtype=torch.float64)
     assert mine.fusable()
     assert rel_err(mine.eval()(x), official.eval()(x)) < 1e-12
+
+
+@pytest.mark.parametrize("cls", [SCSA, Reference])
+def test_factory_keywords_place_the_parameters(cls):
+    """device= and dtype=, torch.nn's factory keywords (timm's attention factory passes them): every
+    parameter is created there, and the module computes what the converted one does."""
+    on_meta = cls(16, head_num=2, qkv_bias=True, device="meta")
+    assert all(p.is_meta for p in on_meta.parameters())
+    made = randomize_(cls(16, head_num=2, qkv_bias=True, dtype=torch.float64), torch.Generator().manual_seed(0))
+    assert all(p.dtype == torch.float64 for p in made.parameters())
+    converted = cls(16, head_num=2, qkv_bias=True).double()
+    converted.load_state_dict(made.state_dict())
+    x = torch.randn(2, 16, 14, 14, dtype=torch.float64)
+    assert torch.equal(made.eval()(x), converted.eval()(x))

@@ -203,3 +203,43 @@ def test_onnx_export_of_a_fused_model_without_convert(tmp_path):
         x = torch.randn(2, 3, h, w)
         with torch.no_grad():
             assert rel_err(run(x), model(x)) < 1e-5
+
+
+# The newest opset the TorchScript-based (legacy, dynamo=False) exporter writes.
+LEGACY_MAX_OPSET = getattr(torch.onnx._constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET",
+                           getattr(torch.onnx._constants, "ONNX_MAX_OPSET", 17))
+
+
+@needs_cpp
+@pytest.mark.parametrize("opset,dynamic,window_size", [(17, False, 7), (17, True, 7), (LEGACY_MAX_OPSET, True, -1)],
+                         ids=["opset17-static", "opset17-dynamic-hw", f"opset{LEGACY_MAX_OPSET}-dynamic-hw-global"])
+def test_legacy_onnx_export_of_a_fused_model(opset, dynamic, window_size, tmp_path):
+    """torch.onnx.export(dynamo=False), what ultralytics' export and most TensorRT pipelines call, on a
+    fused model with no convert first: the reference math in standard operators, pooling with static
+    kernels (AveragePool, ReduceMean; no adaptive pooling), onnxruntime equal to the eager module
+    at two sizes with dynamic H and W, and the model unchanged by the export."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a test dependency (pyproject [test])")
+    onnx = pytest.importorskip("onnx", reason="onnx is a test dependency (pyproject [test])")
+    model = _fused_model(window_size)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, 28, 35)
+    with torch.no_grad():
+        before = model(x)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
+                      dynamic_axes={"x": {2: "h", 3: "w"}} if dynamic else None)
+    graph = onnx.load(str(path)).graph
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}
+    assert not [n.op_type for n in graph.node if "Adaptive" in n.op_type or n.op_type.startswith("Global")]
+    session = ort.InferenceSession(str(path))
+    twin = _eager_twin(model)
+    for h, w in [(28, 35), (14, 49)] if dynamic else [(28, 35)]:
+        xi = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            want = twin(xi)
+        got = torch.from_numpy(session.run(None, {"x": xi.numpy()})[0])
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max().clamp_min(1)
+    assert isinstance(model[1], SCSA) and model[1].backend == "cpp"
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
