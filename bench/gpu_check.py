@@ -138,6 +138,13 @@ def main(argv=None):
         op, model = (json.loads((out / f"{n}.json").read_text()) for n in ("op", "gpu_model"))
         rows = modelled_beside_measured(op, model)
         (out / "model_vs_measured.json").write_text(json.dumps(rows, indent=1))
+        print("| shape | mode | fused ms | modelled ms | measured / model | eager ms | compile ms |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            cells = [r["fused_ms"], r["modelled_us"] and r["modelled_us"] / 1e3, r["measured_over_model"],
+                     r["eager_ms"], r["compile_ms"]]
+            values = " | ".join("-" if v is None else f"{v:.3f}" for v in cells)
+            print(f"| {tuple(r['shape'])} | {r['mode']} | {values} |")
         return rows
 
     step("model_vs_measured", compare)
