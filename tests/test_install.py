@@ -2,7 +2,7 @@
 uses the installed torch (--no-build-isolation, as the Makefile does), torch is a floor, and the
 triton floor is no higher than the oldest supported torch's pin. The resolution against each
 torch minor release on the package index needs the index (CI has it; `-m "not network"` leaves it
-out offline) and reads metadata only."""
+out offline) and reads metadata only (pip's fast-deps: no wheel is downloaded)."""
 import json
 import re
 import subprocess
@@ -48,8 +48,10 @@ def _resolve(torch_version, tmp_path):
     """pip's plan for a fresh environment with this torch and the package: {name: version}, and
     the requirement torch itself states for triton."""
     report = tmp_path / f"torch{torch_version}.json"
-    proc = _pip("install", "--dry-run", "--ignore-installed", "--no-build-isolation", "--report", str(report), "-q",
-                f"torch=={torch_version}", str(ROOT))
+    # fast-deps: each wheel's metadata by HTTP range requests, where an index serves no metadata file
+    # of its own (without it pip downloads every wheel, torch's CUDA dependencies included: GBs).
+    proc = _pip("install", "--dry-run", "--ignore-installed", "--no-build-isolation", "--no-cache-dir",
+                "--use-feature=fast-deps", "--report", str(report), "-q", f"torch=={torch_version}", str(ROOT))
     assert proc.returncode == 0, (torch_version, proc.stderr[-3000:])
     planned = {item["metadata"]["name"].lower(): item["metadata"] for item in json.loads(report.read_text())["install"]}
     triton_pin = [Requirement(r) for r in planned["torch"].get("requires_dist", []) if r.startswith("triton")]
