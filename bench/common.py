@@ -18,7 +18,7 @@ def time_all(fns, device, reps, rounds=5, cold=False):
 
     GPU: triton.testing.do_bench (CUDA events, L2 flushed before every call, median).
     CPU: perf_counter around each call, after warm-up, in `rounds` interleaved rounds so that
-    machine noise (this kind of VM drifts by 2-3x over minutes) hits every column alike. With
+    machine noise (a shared virtual machine drifts by 2-3x over minutes) hits every column alike. With
     cold=True (bench.op --cold) the CPU's caches are flushed before every call, as do_bench
     flushes the GPU's L2: a buffer of twice the last-level cache is written, outside the timing."""
     if device.type == "cuda":
@@ -111,7 +111,7 @@ def cpu_name():
 
 
 def cpu_id():
-    """Family, model and cache sizes: this VM names its CPUs only "AMD EPYC" or "Intel Xeon", and
+    """Family, model and cache sizes: a virtual machine may name its CPUs only "AMD EPYC" or "Intel Xeon", and
     the kinds behind one name differ (Zen 3: 512 KiB L2 a core; Zen 4: 1 MiB, AVX512)."""
     info = {**cpuinfo("cpu family", "model"), **cpu_caches()}
     return ", ".join(f"{k} {v}" for k, v in info.items()) or platform.processor() or "unknown"

@@ -222,7 +222,7 @@ def host_us(shapes, dtype_name, memory_format, calls=100, repeats=30):
     as a GPU run makes it (the module's checks, dispatch, launchers, allocations), every kernel
     launch stubbed before Triton's own launch path (kernel.run: bench.kernels.LaunchRecorder), on
     CPU tensors. forward: an inference call; train: forward + backward. Min over `repeats` runs of
-    `calls` calls, every case in each round (the VM's timing swings by 2x for seconds at a time:
+    `calls` calls, every case in each round (a shared machine's timing swings by 2x for seconds at a time:
     the minimum is what the code costs)."""
     import time
 
@@ -256,7 +256,7 @@ def host_us(shapes, dtype_name, memory_format, calls=100, repeats=30):
                 row["launches_" + key[:-3]] = rec.count
                 row[key] = float("inf")
                 timed.append((row, key, fn, grad))
-        # Interleaved: a slow spell of the VM (seconds long) then hits every case alike.
+        # Interleaved: a slow spell of the machine (seconds long) then hits every case alike.
         for _ in range(repeats):
             for row, key, fn, grad in timed:
                 with torch.set_grad_enabled(grad):

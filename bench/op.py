@@ -27,7 +27,7 @@ PRESETS = {  # network and input size (H, W); batch: the device default unless f
     "mobilenetv2": dict(network="mobilenetv2", input=(224, 224)),
     "detection": dict(network="resnet50", input=(800, 1333), batch=2),
     "tiny": dict(shapes=[(16, 14, 14), (32, 7, 7)]),  # the benchmark's own test: seconds, not a network
-    # One small map at batch 1, where per-call overhead dominates (the fused-training issue's worst case).
+    # One small map at batch 1, where per-call overhead dominates: a training step's worst case.
     "small": dict(shapes=[(64, 14, 14)], batch=1),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
