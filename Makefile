@@ -8,7 +8,6 @@ TORCH_SPEC ?= $(DEFAULT_TORCH)
 VENV ?= $(if $(filter $(DEFAULT_TORCH),$(TORCH_SPEC)),.venv,.venv-$(subst =,,$(subst <,,$(subst >,,$(firstword $(TORCH_SPEC))))))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= test,bench
 
 .PHONY: install test test-core bench fuzz lint gpu-check clean
 
@@ -19,7 +18,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	# --no-build-isolation: build against the torch installed above, never a second download.
-	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 	# The interpreter of triton < 3.7 calls int() on one-element arrays, which NumPy >= 2.3 refuses.
 	if $(PY) -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 7))"; then \
 		$(PY) -m pip install -q "numpy<2.3"; fi
