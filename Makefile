@@ -9,7 +9,7 @@ VENV ?= $(if $(filter $(DEFAULT_TORCH),$(TORCH_SPEC)),.venv,.venv-$(subst =,,$(s
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-core bench fuzz lint gpu-check clean
+.PHONY: install test test-core test-frameworks bench fuzz lint gpu-check clean
 
 install: $(STAMP)
 
@@ -38,6 +38,21 @@ test: $(STAMP)
 
 test-core: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=10 -m "not network" $(CORE_TESTS)
+
+# ultralytics, timm and OpenMMLab with the package (pyproject's `frameworks` extra). ultralytics and
+# timm need torchvision, whose PyPI wheels run only on PyPI's torch of the same release, not on the
+# default CPU build: these run in the venv of FRAMEWORKS_TORCH (the GPU machine's torch).
+FRAMEWORKS_TORCH ?= torch==2.11.0
+FRAMEWORK_TESTS := tests/test_ultralytics.py tests/test_timm.py tests/test_mmengine.py
+test-frameworks:
+	$(MAKE) --no-print-directory $(FRAMEWORKS_VENV)/.frameworks TORCH_SPEC=$(FRAMEWORKS_TORCH)
+	$(FRAMEWORKS_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --durations=10 $(FRAMEWORK_TESTS)
+FRAMEWORKS_VENV = .venv-$(subst =,,$(FRAMEWORKS_TORCH))
+
+$(VENV)/.frameworks: $(STAMP)
+	# torch named again, so that pip keeps it rather than take another for a newer torchvision.
+	$(PY) -m pip install -q --no-build-isolation "$(TORCH_SPEC)" -e ".[test,bench,frameworks]"
+	touch $@
 
 bench: $(STAMP)
 	$(PY) -m bench.op --preset resnet50

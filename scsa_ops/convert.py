@@ -1,7 +1,8 @@
 """Swap SCSA modules in an existing model: `convert` puts in the fused `scsa_ops.SCSA`, `revert`
 (or `convert(model, backend='eager')`) the pure-PyTorch reference. Both keep the very Parameter
 objects (so an optimizer built before the swap still trains them), the configuration, device,
-dtype and train/eval mode, and return how many modules they replaced.
+dtype, train/eval mode and the attributes a framework set on the module, and return how many
+modules they replaced.
 
 An SCSA is recognised by class (ours) or by structure: the official HZAI-ZJNU/SCSA class (and
 copies of it in mmpretrain-style code bases) is found by its attributes and parameter names, with
@@ -68,6 +69,11 @@ def _rebuild(m, backend):
         if own._parameters[attr].shape != p.shape:
             raise ValueError(f"{name} has shape {tuple(p.shape)}, expected {tuple(own._parameters[attr].shape)}")
         own._parameters[attr] = p
+    # What a framework attached to the module (ultralytics' layer index `i`, source `f`, `type`, `np`)
+    # travels with it; the new module's own attributes win.
+    for key, value in vars(m).items():
+        if not key.startswith("_") and key not in vars(new):
+            setattr(new, key, value)
     return new.train(m.training)
 
 

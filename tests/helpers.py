@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from scsa_ops import SCSA, backends, reference
 from scsa_ops.reference import SCSA as Reference
@@ -183,3 +184,15 @@ def opcheck_ops(ops, module, x):
         for input_grad in (True, False):
             torch.library.opcheck(ops.backward.default, (g, *args[:-5], ph, pw, ah, aw, y, o, *args[-5:], input_grad),
                                   test_utils=OPCHECKS)
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Records the name of every op dispatched while active (`with DispatchedOps() as ops:`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

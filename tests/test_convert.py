@@ -106,3 +106,13 @@ def test_models_without_scsa_are_untouched():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert convert(model) == 0 and revert(model) == 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_attributes_a_framework_set_travel_with_the_module(backend):
+    """ultralytics routes its layers by attributes it sets on each (`i`, `f`, `type`, `np`)."""
+    model = _model()
+    model[1].i, model[1].f, model[1].type = 1, -1, "OfficialSCSA"
+    assert convert(model, backend=backend) == (2 if backend == "eager" else 3)  # model[3] is a Reference
+    assert (model[1].i, model[1].f, model[1].type) == (1, -1, "OfficialSCSA")
+    assert model[1].dim == 16 and isinstance(model[1], Reference)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from helpers import TOL, forward_args, opcheck_ops, pair, rel_err
+from helpers import TOL, DispatchedOps, forward_args, opcheck_ops, pair, rel_err
 from scsa_ops import _build, reference
 from scsa_ops.ops import cpp
 from scsa_ops.ops.library import output_format
@@ -166,25 +166,13 @@ def _gradients(fused, x, g):
 
 def test_backward_is_one_op_call(provider):
     """The whole backward is scsa_cpp::backward: no PyTorch compute op before or after it, only the
-    views that split its flat gradients (the parameter finiteness check is cached after the first
-    call)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
+    views that split its flat gradients."""
     _, fused = pair(dict(dim=16, head_num=2, qkv_bias=True), backend="cpp", device="cpu")
     x = torch.randn(2, 16, 14, 15, dtype=torch.float64, requires_grad=True)
     g = torch.randn_like(x)
     _gradients(fused, x, g)
     out = fused(x)
-    with Ops() as mode:
+    with DispatchedOps() as mode:
         torch.autograd.grad(out, [x, *fused.parameters()], g)
     assert [op for op in mode.ops if op != "aten.as_strided.default"] == ["scsa_cpp.backward.default"], mode.ops
 
