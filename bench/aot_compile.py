@@ -17,8 +17,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from bench.gpu_model import bind, ptxas_report, record  # noqa: E402
-from bench.kernels import all_kernels  # noqa: E402
 from scsa_ops import SCSA  # noqa: E402
+from scsa_ops.ops.triton.launches import all_kernels  # noqa: E402
 
 # ResNet-50 stages, a detection stage-1 map, a wide MobileNetV2 layer; both gate kinds, bias,
 # global pooling. fp16 compiles as bf16 does (same 16-bit loads, same fp32 math): bf16 stands

@@ -1,5 +1,5 @@
 """A dry run of the fused GPU path with no GPU: the real launchers run the forward and backward on
-CPU tensors with the kernels' bodies skipped (bench.kernels.LaunchRecorder), every launch is bound
+CPU tensors with the kernels' bodies skipped (scsa_ops.ops.triton.launches.LaunchRecorder), every launch is bound
 by Triton's own JIT binder (so the compiled variant carries exactly the specialisation a launch on
 a GPU would: divisibility-by-16 hints, integers equal to 1 as constants), compiled for sm_90, and
 reported: registers and spills (ptxas -v), the narrowest global load and store in the PTX, and
@@ -38,11 +38,11 @@ from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from bench.common import machine, machine_line  # noqa: E402
-from bench.kernels import LaunchRecorder, all_kernels  # noqa: E402
 from bench.op import DTYPES, MEMORY_FORMATS, PRESETS, preset_shapes  # noqa: E402
 from scsa_ops import SCSA, backends  # noqa: E402
+from scsa_ops.autograd import fused_scsa  # noqa: E402
 from scsa_ops.backends import triton_provider  # noqa: E402
-from scsa_ops.function import fused_scsa  # noqa: E402
+from scsa_ops.ops.triton.launches import LaunchRecorder, all_kernels  # noqa: E402
 
 TARGET = dict(name="H100 SXM (model)", arch=90, hbm_tb_s=3.35, launch_us=2.0)
 
@@ -220,7 +220,7 @@ def _heap_allocations():
 def host_us(shapes, dtype_name, memory_format, calls=100, repeats=30):
     """[{shape, forward_us, train_us}]: host time per call of scsa_ops.SCSA(C, backend='triton')
     as a GPU run makes it (the module's checks, dispatch, launchers, allocations), every kernel
-    launch stubbed before Triton's own launch path (kernel.run: bench.kernels.LaunchRecorder), on
+    launch stubbed before Triton's own launch path (kernel.run: scsa_ops.ops.triton.launches.LaunchRecorder), on
     CPU tensors. forward: an inference call; train: forward + backward. Min over `repeats` runs of
     `calls` calls, every case in each round (a shared machine's timing swings by 2x for seconds at a time:
     the minimum is what the code costs)."""

@@ -1,6 +1,6 @@
 """Which implementation runs a call: the backend chosen at construction, overridden by the
 environment (SCSA_OPS_BACKEND=eager turns every fused path off), checked against the input's
-device. Returns a provider for scsa_ops.function, or None for the eager math.
+device. Returns a provider for scsa_ops.autograd, or None for the eager math.
 
 The decision depends only on constants (backend name, device, configuration): torch.compile runs
 it once while tracing (torch.compiler.assume_constant_result) and keeps the provider's name, so
@@ -96,7 +96,7 @@ def first_compile(provider, device):
     in fp32, once a process and device, so that a triton whose compiler cannot build them (a release
     no test has seen) turns the Triton path off with a warning instead of failing a user's step."""
     if device not in _compiled:
-        from .function import Config, fused_scsa
+        from .autograd import Config, fused_scsa
         from .functional import module_params
         from .reference import SCSA as Reference
 

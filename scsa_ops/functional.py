@@ -6,7 +6,7 @@ from typing import Mapping, Optional
 import torch
 
 from . import backends
-from .function import Config, eager_math, fused_scsa
+from .autograd import Config, eager_math, fused_scsa
 from .reference import check_config, check_input, window_of
 from .schema import CONV_WEIGHTS, OPTIONAL, PARAM_NAMES, QKV_BIASES, QKV_WEIGHTS, indices, shape
 

@@ -8,7 +8,7 @@ down_sample_mode='max_pool', attention dropout while training, an empty batch, w
 from typing import Optional, Sequence
 
 from . import backends, functional
-from .function import Config
+from .autograd import Config
 from .reference import SCSA as ReferenceSCSA
 from .reference import check_input
 

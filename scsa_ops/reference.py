@@ -207,8 +207,8 @@ class SCSA(nn.Module):
 
 def forward_parts(x, conv_weights, conv_biases, norm_h, norm_w, norm, qkv_weights, qkv_biases, head_num,
                   window_size, down_sample_mode, gate, attn_drop=0.0, training=False):
-    """The eager forward, step by step: (a_h, a_w, Xs, Y, o, out). Also what the fused ops run when
-    a parameter is NaN or Inf, so that those land exactly where the eager module's do."""
+    """The eager forward, step by step: (a_h, a_w, Xs, Y, o, out); the fused paths' fallback
+    (scsa_ops.autograd.eager_math) for calls no fused op takes."""
     a_h = spatial_gate(x.mean(dim=3), conv_weights, conv_biases, *norm_h, gate)
     a_w = spatial_gate(x.mean(dim=2), conv_weights, conv_biases, *norm_w, gate)
     xs = x * a_h.unsqueeze(3) * a_w.unsqueeze(2)

@@ -19,9 +19,10 @@ NORM_C = ("norm.weight", "norm.bias")
 QKV_WEIGHTS = ("q.weight", "k.weight", "v.weight")
 QKV_BIASES = ("q.bias", "k.bias", "v.bias")  # only with qkv_bias=True
 
-SPATIAL_NAMES = tuple(n for pair in zip(CONV_WEIGHTS, CONV_BIASES) for n in pair) + NORM_H + NORM_W
-CHANNEL_NAMES = NORM_C + QKV_WEIGHTS + QKV_BIASES
-PARAM_NAMES = SPATIAL_NAMES + CHANNEL_NAMES  # the official state dict's order
+# The order of every internal list of parameters, of the ops' parameter arguments (PARAMETER_ARGS,
+# the conv weights and biases as two lists) and of the backward op's flat gradients. csrc/scsa.h's
+# indices into the latter (kConvW, ...) follow it; tests/test_cpp.py holds them to it.
+PARAM_NAMES = CONV_WEIGHTS + CONV_BIASES + NORM_H + NORM_W + NORM_C + QKV_WEIGHTS + QKV_BIASES
 OPTIONAL = frozenset(QKV_BIASES)
 
 _INDEX = {name: i for i, name in enumerate(PARAM_NAMES)}
@@ -31,14 +32,12 @@ def indices(names):
     return tuple(_INDEX[n] for n in names)
 
 
-def _as_slice(idx):
-    """A run of evenly spaced indices as a slice (a list slice is one C call; this runs every call)."""
-    step = idx[1] - idx[0] if len(idx) > 1 else 1
-    assert list(idx) == list(range(idx[0], idx[-1] + 1, step)), idx
-    return slice(idx[0], idx[-1] + 1, step)
+def _slice(names):
+    first = _INDEX[names[0]]
+    return slice(first, first + len(names))
 
 
-_GROUPS = [_as_slice(indices(g)) for g in (CONV_WEIGHTS, CONV_BIASES, NORM_H, NORM_W, NORM_C, QKV_WEIGHTS, QKV_BIASES)]
+_GROUPS = [_slice(g) for g in (CONV_WEIGHTS, CONV_BIASES, NORM_H, NORM_W, NORM_C, QKV_WEIGHTS, QKV_BIASES)]
 
 
 class Params:
@@ -51,14 +50,10 @@ class Params:
             params[group] for group in _GROUPS)
 
 
-# After the conv weights and biases, the ops take the parameters in PARAM_NAMES order.
-_CONV_W, _CONV_B, _REST = _GROUPS[0], _GROUPS[1], slice(len(CONV_WEIGHTS + CONV_BIASES), None)
-assert [n for g in _GROUPS[2:] for n in PARAM_NAMES[g]] == list(PARAM_NAMES[_REST])
-
-
 def op_args(params):
-    """The parameter arguments of the ops (PARAMETER_ARGS order) from a list in PARAM_NAMES order."""
-    return (params[_CONV_W], params[_CONV_B], *params[_REST])
+    """The parameter arguments of the ops (PARAMETER_ARGS) from a list in PARAM_NAMES order: the same
+    order, the conv weights and biases grouped as lists."""
+    return (params[_GROUPS[0]], params[_GROUPS[1]], *params[_GROUPS[1].stop:])
 
 
 def shape(name, dim, kernel_sizes):
@@ -70,23 +65,10 @@ def shape(name, dim, kernel_sizes):
     return (dim, 1, 1, 1) if name in QKV_WEIGHTS else (dim,)
 
 
-# The parameter arguments of the ops, flattened (the order of the backward op's gradients).
-OP_ORDER = CONV_WEIGHTS + CONV_BIASES + NORM_H + NORM_W + NORM_C + QKV_WEIGHTS + QKV_BIASES
-_OP_AT = indices(OP_ORDER)
-
-
 def op_tensors(conv_weights, conv_biases, *rest):
-    """The ops' parameter arguments (PARAMETER_ARGS order) as one list of tensors, in OP_ORDER,
-    without the absent q/k/v biases."""
+    """The ops' parameter arguments as one list in PARAM_NAMES order, without absent q/k/v biases:
+    the tensors whose gradients the backward op returns, back to back."""
     return [*conv_weights, *conv_biases, *[t for t in rest if t is not None]]
-
-
-def in_param_order(op_grads):
-    """Gradients in OP_ORDER (without the q/k/v biases if absent) -> a list in PARAM_NAMES order."""
-    grads = [None] * len(PARAM_NAMES)
-    for i, grad in zip(_OP_AT, op_grads):
-        grads[i] = grad
-    return grads
 
 
 PARAMETER_ARGS = (
@@ -96,7 +78,7 @@ PARAMETER_ARGS = (
 
 # The ops of one namespace (DESIGN.md sections 2-3). forward returns [out, p_h, p_w, a_h, a_w, Y, o]:
 # the output and the small intermediates the backward needs. backward is the whole backward in one
-# call, [dX (empty unless input_grad), every parameter gradient, flat, in OP_ORDER, in the
+# call, [dX (empty unless input_grad), every parameter gradient, flat, in PARAM_NAMES order, in the
 # accumulator dtype] (one flat tensor: op outputs may not alias, and splitting it is views only);
 # gate_grads and input_grad are its two full-size passes, also ops of their own. The pooling window
 # is SymInt: with global pooling it is the map's size, which torch.export keeps symbolic.

@@ -11,7 +11,7 @@ os.environ.pop("SCSA_OPS_BACKEND", None)
 
 import pytest  # noqa: E402
 
-from helpers import FUSED, HAS_CUDA  # noqa: E402
+from helpers import FUSED  # noqa: E402
 
 
 def _patch_language_once_a_launch():
@@ -61,11 +61,6 @@ def _seed():
     """Each test draws the same numbers whatever ran before it (or whichever subset runs): a
     tolerance that held here holds in CI, and a failure reproduces alone."""
     torch.manual_seed(0)
-
-
-@pytest.fixture
-def device():
-    return "cuda" if HAS_CUDA else "cpu"
 
 
 @pytest.fixture(params=FUSED, ids=[b for b, _ in FUSED])

@@ -16,8 +16,9 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # torch 2.6 pins: tests/test_backends.py checks what happens there), the C++ path on CPU tensors.
 FUSED = ([] if backends.TRITON_TOO_OLD else [("triton", DEVICE)]) + [("cpp", "cpu")]
 needs_triton = pytest.mark.skipif(backends.TRITON_TOO_OLD is not None, reason=str(backends.TRITON_TOO_OLD))
-# ||out - ref|| / ||ref|| against the fp64 reference (DESIGN.md section 4)
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# The tests' tolerances. By dtype: ||out - ref|| / ||ref|| against the fp64 reference (DESIGN.md
+# section 4). "golden": against the official module's fp64 vectors, which sum in another order.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, "golden": 1e-10}
 
 
 def randomize_(module, generator=None, scale=0.5):
@@ -196,3 +197,46 @@ class DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def check_low_precision(cfg, shape, dtype, channels_last, backend, device):
+    """assert_matches_reference, and the output and input gradient keep the input's memory format."""
+    out, dx = assert_matches_reference(cfg, shape, dtype, backend, device, channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert dx.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def check_gradcheck(backend, dev):
+    """fp64 gradcheck of SCSAFunction (fast mode) through x and every parameter at once."""
+    from scsa_ops.autograd import SCSAFunction
+
+    cfg = dict(dim=8, head_num=2, qkv_bias=True, window_size=3, gate_layer="softmax")
+    _, fused = pair(cfg, backend=backend, device=dev)
+    x = torch.randn(1, 8, 7, 8, dtype=torch.float64, device=dev, requires_grad=True)
+    params = fused.state_dict_params()
+    provider = backends.resolve(backend, x.device, True)
+    # Every parameter in one flat input: fast mode then checks one random direction through all of
+    # them (two inputs, a handful of calls: the interpreter's backward takes seconds per call).
+    flat = torch.cat([p.detach().flatten() for p in params]).requires_grad_()
+
+    def fn(x, flat):
+        pieces = flat.split([p.numel() for p in params])
+        return SCSAFunction.apply(x, provider, fused.config, *[t.view(p.shape) for t, p in zip(pieces, params)])
+
+    assert torch.autograd.gradcheck(fn, (x, flat), fast_mode=True)
+
+
+def check_matches_official(case, backend):
+    """A golden case (cases.GOLDEN) through `backend` ('reference': the reference class itself):
+    output, dx and every parameter gradient within 1e-10 of the official module's."""
+    cls = reference.SCSA if backend == "reference" else SCSA
+    kwargs = {} if backend == "reference" else {"backend": backend}
+    dev = "cpu" if backend == "cpp" else DEVICE
+    m = cls(**case["config"], **kwargs).double().to(dev)
+    m.load_state_dict(case["state_dict"], strict=True)  # official names and shapes
+    out, dx, dparams = run(m, case["x"].to(dev), case["grad_out"].to(dev))
+    assert rel_err(out, case["out"]) < TOL["golden"]
+    assert rel_err(dx, case["grad_x"]) < TOL["golden"]
+    assert set(dparams) == set(case["grad_params"])
+    errs = grad_err(dparams, {n: g.to(dev) for n, g in case["grad_params"].items()})
+    assert max(errs.values()) < TOL["golden"], errs

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from bench.kernels import LaunchRecorder
 from helpers import HAS_CUDA, TOL, grad_err, needs_triton, opcheck_ops, pair, rel_err
 from scsa_ops.backends import triton_provider
+from scsa_ops.ops.triton.launches import LaunchRecorder
 
 # Inductor where the provider's ops are real kernels on this machine; the interpreted Triton ops
 # are traced the same way but run eagerly (aot_eager) to keep the interpreter's cost down.
@@ -99,7 +99,7 @@ def capture(gm, example_inputs):
     return run
 
 m = SCSA(16, head_num=2, backend="triton")
-from scsa_ops.function import fused_scsa
+from scsa_ops.autograd import fused_scsa
 from scsa_ops.backends import triton_provider
 f = lambda x, *p: fused_scsa(x, p, m.config, triton_provider()[0])
 compiled = torch.compile(f, fullgraph=True, dynamic=True,

@@ -255,3 +255,19 @@ def test_missing_binary_is_built_on_first_use(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == cap.upper()
     assert proc.stderr.count("compiling the C++ extension with torch.utils.cpp_extension.load") == 1
+
+
+def test_cpp_parameter_indices_follow_the_schema():
+    """csrc's indices into the backward's per-parameter offsets (kConvW, ...) are schema.PARAM_NAMES'
+    positions: one parameter order for Python and C++."""
+    import re
+    from pathlib import Path
+
+    from scsa_ops import schema
+
+    csrc = "\n".join(p.read_text() for p in sorted((Path(__file__).parents[1] / "csrc").glob("*.h")))
+    (decl,) = re.findall(r"constexpr int (kConvW = .*?);", csrc)
+    found = {name: int(value) for name, value in re.findall(r"(k\w+) = (\d+)", decl)}
+    firsts = dict(kConvW=schema.CONV_WEIGHTS, kConvB=schema.CONV_BIASES, kNormH=schema.NORM_H, kNormW=schema.NORM_W,
+                  kNormC=schema.NORM_C, kQkvW=schema.QKV_WEIGHTS, kQkvB=schema.QKV_BIASES)
+    assert found == {k: schema.PARAM_NAMES.index(names[0]) for k, names in firsts.items()}

@@ -4,9 +4,12 @@ DESIGN.md. `fused_on` is the (backend, device) pair under test."""
 import pytest
 import torch
 
+from cases import CONFIGS, LOW_PRECISION, ids
 from helpers import (
     TOL,
     assert_matches_reference,
+    check_gradcheck,
+    check_low_precision,
     grad_err,
     input_rounding_errors,
     pair,
@@ -14,43 +17,18 @@ from helpers import (
     run,
     spatial_gate_condition,
 )
-from scsa_ops import SCSA, backends
-from scsa_ops.function import SCSAFunction
+from scsa_ops import SCSA
 from scsa_ops.schema import PARAM_NAMES
 
-# (constructor kwargs, input shape)
-CONFIGS = [
-    (dict(dim=8), (1, 8, 14, 14)),
-    (dict(dim=16), (3, 16, 7, 7)),                                  # exactly one window
-    (dict(dim=16, head_num=2), (2, 16, 17, 23)),                    # non-multiples of 7, non-square
-    (dict(dim=32, head_num=4, qkv_bias=True), (2, 32, 15, 9)),
-    (dict(dim=64, head_num=8), (1, 64, 14, 21)),
-    (dict(dim=32, window_size=-1), (2, 32, 11, 6)),                 # global pooling
-    (dict(dim=24, head_num=3, window_size=-1, qkv_bias=True), (3, 24, 5, 13)),
-    (dict(dim=16, gate_layer="softmax"), (2, 16, 14, 20)),
-    (dict(dim=32, gate_layer="softmax", head_num=2, window_size=5), (1, 32, 12, 18)),
-    (dict(dim=16, group_kernel_sizes=(1, 3, 5, 7)), (2, 16, 21, 8)),
-    (dict(dim=8, group_kernel_sizes=(9, 7, 11, 3), window_size=3), (3, 8, 10, 29)),
-    (dict(dim=32, attn_drop_ratio=0.3), (2, 32, 9, 9)),             # eval mode: dropout is identity
-]
 
-
-
-def _ids(configs):
-    return ["-".join(f"{k}={v}" for k, v in c.items()) + f"-{'x'.join(map(str, s))}" for c, s in configs]
-
-
-@pytest.mark.parametrize("cfg,shape", CONFIGS, ids=_ids(CONFIGS))
+@pytest.mark.parametrize("cfg,shape", CONFIGS, ids=ids(CONFIGS))
 def test_fp64_matches_reference(cfg, shape, fused_on):
     assert_matches_reference(cfg, shape, torch.float64, *fused_on)
 
 
-LOW_PRECISION = [CONFIGS[2], CONFIGS[5], CONFIGS[8]]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("cfg,shape", LOW_PRECISION, ids=_ids(LOW_PRECISION))
+@pytest.mark.parametrize("cfg,shape", LOW_PRECISION, ids=ids(LOW_PRECISION))
 def test_low_precision(cfg, shape, dtype, channels_last, fused_on):
     """Output and input gradient keep the input's dtype and memory format; accuracy as
     helpers.assert_matches_reference."""
@@ -58,9 +36,7 @@ def test_low_precision(cfg, shape, dtype, channels_last, fused_on):
     if backend == "triton" and dev == "cpu" and dtype == torch.float16:
         pytest.skip("in the Triton interpreter fp16 runs bf16's code (16-bit loads, fp32 math); bf16 runs here, "
                     "both run on a GPU")
-    out, dx = assert_matches_reference(cfg, shape, dtype, backend, dev, channels_last)
-    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
-    assert dx.is_contiguous(memory_format=torch.channels_last) == channels_last
+    check_low_precision(cfg, shape, dtype, channels_last, backend, dev)
 
 
 def test_error_bound_includes_input_rounding(fused_on):
@@ -153,21 +129,7 @@ def test_dense_permuted_input_gives_contiguous_output(fused_on):
 
 
 def test_gradcheck_autograd_function(fused_on):
-    backend, dev = fused_on
-    cfg = dict(dim=8, head_num=2, qkv_bias=True, window_size=3, gate_layer="softmax")
-    _, fused = pair(cfg, backend=backend, device=dev)
-    x = torch.randn(1, 8, 7, 8, dtype=torch.float64, device=dev, requires_grad=True)
-    params = fused.state_dict_params()
-    provider = backends.resolve(backend, x.device, True)
-    # Every parameter in one flat input: fast mode then checks one random direction through all of
-    # them (two inputs, a handful of calls: the interpreter's backward takes seconds per call).
-    flat = torch.cat([p.detach().flatten() for p in params]).requires_grad_()
-
-    def fn(x, flat):
-        pieces = flat.split([p.numel() for p in params])
-        return SCSAFunction.apply(x, provider, fused.config, *[t.view(p.shape) for t, p in zip(pieces, params)])
-
-    assert torch.autograd.gradcheck(fn, (x, flat), fast_mode=True)
+    check_gradcheck(*fused_on)
 
 
 def test_param_order_matches_module():
@@ -175,7 +137,7 @@ def test_param_order_matches_module():
     assert set(PARAM_NAMES) == set(named)
 
 
-@pytest.mark.parametrize("cfg,shape", [CONFIGS[3], CONFIGS[7]], ids=_ids([CONFIGS[3], CONFIGS[7]]))
+@pytest.mark.parametrize("cfg,shape", [CONFIGS[3], CONFIGS[7]], ids=ids([CONFIGS[3], CONFIGS[7]]))
 def test_deterministic(cfg, shape, fused_on):
     backend, dev = fused_on
     _, fused = pair(cfg, backend=backend, device=dev)

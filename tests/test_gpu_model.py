@@ -86,7 +86,7 @@ def test_host_time_counts_the_real_launch_path(tmp_path):
 
     import torch
 
-    from bench.kernels import LaunchRecorder
+    from scsa_ops.ops.triton.launches import LaunchRecorder
     from scsa_ops.ops.triton.pool import pool
 
     rec = LaunchRecorder(execute=False, keep=False)

@@ -3,25 +3,35 @@ checks the separate passes get: conftest.py keeps every other test on the separa
 here every map takes the one launch (MAX_STEPS unbounded). The backward is the same either way;
 it runs here on what the one launch saved."""
 import pytest
-import test_fused
-import test_golden
-import test_nonfinite
 import torch
 
-from bench.kernels import LaunchRecorder
-from helpers import DEVICE, assert_matches_reference, eager_and_fused, forward_backward, nonfinite_mismatches
+from cases import CONFIGS as ALL_CONFIGS
+from cases import GOLDEN as ALL_GOLDEN
+from cases import LOW_PRECISION as ALL_LOW_PRECISION
+from cases import NONFINITE_CASES, golden_id, ids, random_inputs
+from helpers import (
+    DEVICE,
+    assert_matches_reference,
+    check_gradcheck,
+    check_low_precision,
+    check_matches_official,
+    eager_and_fused,
+    forward_backward,
+    nonfinite_mismatches,
+)
 from scsa_ops.ops.triton import group_forward
+from scsa_ops.ops.triton.launches import LaunchRecorder
 
 pytest.importorskip("triton")
 TRITON = ("triton", DEVICE)
-# Subsets of the other modules' cases (the interpreter's time): between them every option once
+# Subsets of the shared cases (the interpreter's time): between them every option once
 # (heads, q/k/v bias, global pooling and a window of 3 that drops columns, the softmax gate, other
 # kernel sizes, maps of one to three bands), channels_last and 16-bit inputs.
-GOLDEN = [test_golden.CASES[i] for i in (3, 5, 6)]
-CONFIGS = [test_fused.CONFIGS[i] for i in (4, 10)]
-LOW_PRECISION = [test_fused.LOW_PRECISION[2]]
-NONFINITE = [(*test_nonfinite.CASES[0], float("nan")), (*test_nonfinite.CASES[0], float("inf")),
-             (*test_nonfinite.CASES[1], float("nan"))]
+GOLDEN = [ALL_GOLDEN[i] for i in (3, 5, 6)]
+CONFIGS = [ALL_CONFIGS[i] for i in (4, 10)]
+LOW_PRECISION = [ALL_LOW_PRECISION[2]]
+NONFINITE = [(*NONFINITE_CASES[0], float("nan")), (*NONFINITE_CASES[0], float("inf")),
+             (*NONFINITE_CASES[1], float("nan"))]
 
 
 @pytest.fixture(autouse=True)
@@ -52,29 +62,29 @@ def test_which_maps_take_it(shape, dtype, taken, monkeypatch):
     assert (group_forward.plan(x, (7, 7), torch.float32, (3, 5, 7, 9), False) is not None) == taken
 
 
-@pytest.mark.parametrize("cfg,shape", CONFIGS, ids=test_fused._ids(CONFIGS))
+@pytest.mark.parametrize("cfg,shape", CONFIGS, ids=ids(CONFIGS))
 def test_fp64_matches_reference(cfg, shape):
     assert_matches_reference(cfg, shape, torch.float64, *TRITON)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("cfg,shape", LOW_PRECISION, ids=test_fused._ids(LOW_PRECISION))
+@pytest.mark.parametrize("cfg,shape", LOW_PRECISION, ids=ids(LOW_PRECISION))
 def test_bf16(cfg, shape, channels_last):
-    test_fused.test_low_precision(cfg, shape, torch.bfloat16, channels_last, TRITON)
+    check_low_precision(cfg, shape, torch.bfloat16, channels_last, *TRITON)
 
 
 def test_gradcheck_autograd_function():
-    test_fused.test_gradcheck_autograd_function(TRITON)
+    check_gradcheck(*TRITON)
 
 
-@pytest.mark.parametrize("case", GOLDEN, ids=[test_golden._case_id(c) for c in GOLDEN])
+@pytest.mark.parametrize("case", GOLDEN, ids=[golden_id(c) for c in GOLDEN])
 def test_matches_official(case):
-    test_golden.test_matches_official(case, "triton")
+    check_matches_official(case, "triton")
 
 
 @pytest.mark.parametrize("cfg,shape,value", NONFINITE, ids=["sigmoid-nan", "sigmoid-inf", "softmax-one-window-nan"])
 def test_nonfinite_input(cfg, shape, value):
     eager, fused = eager_and_fused(cfg, *TRITON, torch.float32)
-    x, go = test_nonfinite._inputs(shape, torch.float32, DEVICE)
+    x, go = random_inputs(shape, torch.float32, DEVICE)
     x[0, 3, 2, 5] = value
     assert not nonfinite_mismatches(forward_backward(fused, x, go), forward_backward(eager, x, go))

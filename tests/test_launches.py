@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.kernels import LaunchRecorder
 from helpers import DEVICE, FUSED, HAS_CUDA, pair, rel_err
 from scsa_ops import SCSA
 from scsa_ops.ops.triton import utils
@@ -12,6 +11,7 @@ from scsa_ops.ops.triton.apply_gates import input_grad
 from scsa_ops.ops.triton.backward import backward
 from scsa_ops.ops.triton.forward import forward
 from scsa_ops.ops.triton.gate_grads import gate_grads
+from scsa_ops.ops.triton.launches import LaunchRecorder
 
 # The launchers behind the ops scsa_triton::*: the mode runs them itself to see every op inside.
 LAUNCHERS = {"forward": forward, "backward": backward, "gate_grads": gate_grads, "input_grad": input_grad}
@@ -171,7 +171,7 @@ def test_float_arguments_are_typed_fp64(monkeypatch):
 
     from triton.runtime.jit import KernelParam, mangle_type
 
-    from bench.kernels import all_kernels
+    from scsa_ops.ops.triton.launches import all_kernels
 
     rec = LaunchRecorder(monkeypatch, execute=False)
     for cfg in (dict(dim=16, head_num=2), dict(dim=16, window_size=-1, gate_layer="softmax")):

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from cases import NONFINITE_CASES, random_inputs
 from helpers import (
     TOL,
     eager_and_fused,
@@ -24,14 +25,6 @@ from scsa_ops import SCSA
 from scsa_ops.schema import PARAM_NAMES
 
 NONFINITE = [float("nan"), float("inf"), float("-inf")]
-# (config, input shape): a map with several windows (N > 1), and one window (the rank-one attention)
-CASES = [(dict(dim=16, head_num=2), (2, 16, 9, 16)), (dict(dim=16, gate_layer="softmax", qkv_bias=True), (2, 16, 7, 7))]
-
-
-def _inputs(shape, dtype, device, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype),
-            torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype))
 
 
 @pytest.mark.parametrize("value", NONFINITE, ids=["nan", "inf", "-inf"])
@@ -39,14 +32,15 @@ def _inputs(shape, dtype, device, seed=1):
 # both branches (which share the convs), and whether their weight gradient is NaN (the padding
 # summed, NaN x 0) or 0 (only valid positions) is the eager conv's choice per kernel size and dtype
 # (spatial_gate.padded_taps).
-@pytest.mark.parametrize("cfg,shape,dtype", [(*CASES[0], torch.float32), (*CASES[0], torch.bfloat16),
-                                             (*CASES[1], torch.float32),
+@pytest.mark.parametrize("cfg,shape,dtype", [(*NONFINITE_CASES[0], torch.float32),
+                                             (*NONFINITE_CASES[0], torch.bfloat16),
+                                             (*NONFINITE_CASES[1], torch.float32),
                                              (dict(dim=16, window_size=1), (2, 16, 1, 1), torch.float32),
                                              (dict(dim=16, window_size=-1), (2, 16, 2, 2), torch.bfloat16)],
                          ids=["sigmoid", "sigmoid-bf16", "softmax-one-window", "1x1", "2x2-bf16"])
 def test_nonfinite_input(cfg, shape, dtype, value, fused_on):
     eager, fused = eager_and_fused(cfg, *fused_on, dtype)
-    x, go = _inputs(shape, dtype, fused_on[1])
+    x, go = random_inputs(shape, dtype, fused_on[1])
     x[0, 3, min(2, shape[2] - 1), min(5, shape[3] - 1)] = value
     expected = forward_backward(eager, x, go)
     assert expected[0][1][0].isnan().all() and expected[0][1][1].isfinite().all()  # what eager does
@@ -60,12 +54,12 @@ def test_nonfinite_parameter(name, value, fused_on):
     the other combinations); fp32, where the formulation, not the dtype, decides. The C++ forward
     runs the eager module's own op sequence then (its output's NaN and Inf exactly where eager's
     are); every gradient, and the Triton output, is NaN throughout."""
-    cfg, shape = CASES[1] if name.endswith("bias") and name[0] in "qkv" else CASES[0]
+    cfg, shape = NONFINITE_CASES[1] if name.endswith("bias") and name[0] in "qkv" else NONFINITE_CASES[0]
     eager, fused = eager_and_fused(cfg, *fused_on, torch.float32)
     for m in (eager, fused):
         with torch.no_grad():
             m.get_parameter(name).view(-1)[1] = value
-    x, go = _inputs(shape, torch.float32, fused_on[1])
+    x, go = random_inputs(shape, torch.float32, fused_on[1])
     expected, actual = forward_backward(eager, x, go), forward_backward(fused, x, go)
     assert not nonfinite_uncovered(actual, expected)
     if fused_on[0] == "cpp":
@@ -86,12 +80,12 @@ def test_parameter_overflowing_in_a_dtype_conversion(name, fused_on):
     """module.float() converts the parameters through `.data`, which keeps each tensor and its version
     counter: a parameter of 1e300, finite in fp64, is Inf in fp32, and the ops see it (a check cached
     by tensor and version would not)."""
-    cfg, shape = CASES[0]
+    cfg, shape = NONFINITE_CASES[0]
     eager, fused = eager_and_fused(cfg, *fused_on, torch.float64)
     for m in (eager, fused):
         with torch.no_grad():
             m.get_parameter(name).view(-1)[1] = 1e300
-    x, go = _inputs(shape, torch.float64, fused_on[1])
+    x, go = random_inputs(shape, torch.float64, fused_on[1])
     forward_backward(fused, x, go)  # every parameter finite: the fused path, its answer cached
     eager, fused = eager.float(), fused.float()
     assert fused.get_parameter(name).isinf().any()
@@ -110,7 +104,7 @@ def test_softmax_gate_near_the_float_limit(weight, fused_on):
     for m in (eager, fused):
         with torch.no_grad():
             m.norm_h.weight[1] = weight
-    x, _ = _inputs((2, 16, 14, 14), torch.float32, fused_on[1])
+    x, _ = random_inputs((2, 16, 14, 14), torch.float32, fused_on[1])
     out_e, out_f = eager(x), fused(x)
     assert out_e.isfinite().all()
     assert out_f.isfinite().all() and torch.allclose(out_f, out_e, rtol=1e-4, atol=1e-5)
@@ -149,7 +143,7 @@ def test_missing_biases_act_as_zero(fused_on):
         for module, attr in (("global_dwc_s", "bias"), ("norm_w", "weight"), ("norm_w", "bias"), ("norm", "bias"),
                              ("k", "bias")):
             getattr(m, module).register_parameter(attr, None)
-    x, go = _inputs(shape, torch.float64, fused_on[1])
+    x, go = random_inputs(shape, torch.float64, fused_on[1])
     expected, actual = forward_backward(eager, x, go), forward_backward(fused, x, go)
     for (what, a), (_, e) in zip(actual, expected):
         assert (a - e).abs().max() <= 1e-10 * e.abs().max().clamp_min(1), what
@@ -189,8 +183,9 @@ def test_invalid_backend_environment_variable(monkeypatch):
 
 
 # The last: a channel group too big for one Triton tile (its statistics take two sweeps).
-@pytest.mark.parametrize("cfg,shape,scale", [(*CASES[0], 1e20), (*CASES[0], 1e30), (*CASES[1], 1e20),
-                                             (*CASES[1], 1e30), (dict(dim=64), (1, 64, 8, 128), 1e20)],
+@pytest.mark.parametrize("cfg,shape,scale", [(*NONFINITE_CASES[0], 1e20), (*NONFINITE_CASES[0], 1e30),
+                                             (*NONFINITE_CASES[1], 1e20), (*NONFINITE_CASES[1], 1e30),
+                                             (dict(dim=64), (1, 64, 8, 128), 1e20)],
                          ids=["sigmoid-1e20", "sigmoid-1e30", "softmax-one-window-1e20", "softmax-one-window-1e30",
                               "group-in-sweeps-1e20"])
 def test_finite_input_whose_squares_overflow(cfg, shape, scale, fused_on):
@@ -202,7 +197,7 @@ def test_finite_input_whose_squares_overflow(cfg, shape, scale, fused_on):
     gradients; the Triton path makes the statistics NaN (a second sweep spilled a bf16 kernel)."""
     backend, device = fused_on
     ref, fused = pair(cfg, backend=backend, device=device)
-    x, go = _inputs(shape, torch.float32, device)
+    x, go = random_inputs(shape, torch.float32, device)
     x = x * scale
     out_r, dx_r, dp_r = run(ref, x.double(), go.double())
     out_f, dx_f, dp_f = run(fused.float(), x, go)

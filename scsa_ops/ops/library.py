@@ -99,7 +99,7 @@ def register_triton_ops(interpreted, *launchers):
 
 
 class Provider:
-    """What SCSAFunction (scsa_ops/function.py) calls: the ops of one namespace, and `fits(w,
+    """What SCSAFunction (scsa_ops/autograd.py) calls: the ops of one namespace, and `fits(w,
     window_w)`, whether that provider takes rows of width w."""
 
     def __init__(self, ns, fits, launchers=None):
@@ -137,7 +137,7 @@ class Provider:
         return out, ph, pw, ah, aw, y, o
 
     def backward(self, g, x, params, saved, cfg, window, eps, input_grad):
-        """(dX or None, the parameters' gradients in schema.OP_ORDER, each in its parameter's shape and
+        """(dX or None, the parameters' gradients in schema.PARAM_NAMES order, each in its parameter's shape and
         dtype); params as forward's; saved: the forward's (p_h, p_w, a_h, a_w, Y, o)."""
         args = schema.op_args(params)
         dx, flat = self._call(1, g, x, *args, *saved, cfg.head_num, *window, cfg.gate == "softmax", eps, input_grad)

@@ -31,7 +31,7 @@ def backward(g: Tensor, x: Tensor, conv_weights: list[Tensor], conv_biases: list
              y: Tensor, o: Tensor, head_num: int, kh: int, kw: int, softmax: bool, eps: float,
              input_grad: bool) -> list[Tensor]:
     """The op scsa_triton::backward (schema.SCHEMAS): [dX (empty unless input_grad), every parameter
-    gradient, flat, in schema.OP_ORDER, in the accumulator dtype]."""
+    gradient, flat, in schema.PARAM_NAMES order, in the accumulator dtype]."""
     B, C = x.shape[:2]
     acc = ah.dtype
     sums = gate_grads(g, x, ah, aw, kh, kw)

@@ -12,7 +12,7 @@ BLOCK = 1024  # gradient elements per program
 @triton.jit
 def _param_grads_kernel(
     part_ptr,  # (B, P) per-sample partials: the H branch's conv gradients, the W branch's, the rest
-    out_ptr,  # (P - conv_size,) out: every gradient, flat, in schema.OP_ORDER
+    out_ptr,  # (P - conv_size,) out: every gradient, flat, in schema.PARAM_NAMES order
     B, P, conv_size,
     BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):

@@ -1,8 +1,9 @@
-"""Access to every Triton kernel of the package, and a recorder of their launches."""
+"""Every Triton kernel of the package, and a recorder of their launches: what the tests count and
+bench/gpu_model.py binds and models. Nothing in the package imports it."""
 import importlib
 import pkgutil
 
-import scsa_ops.ops.triton as triton_ops
+from .. import triton as triton_ops
 
 
 def all_kernels():

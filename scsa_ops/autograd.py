@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 
 from .reference import EPS, forward_parts, window_of
-from .schema import PARAMETER_ARGS, Params, in_param_order, op_args
+from .schema import PARAM_NAMES, PARAMETER_ARGS, Params, op_args
 from .tracing import exporting
 
 
@@ -68,7 +68,8 @@ class SCSAFunction(torch.autograd.Function):
         with _device_of(x):
             dx, grads = provider.backward(g, x, params, (ph, pw, ah, aw, y, o), cfg, ctx.window, EPS,
                                           ctx.needs_input_grad[0])
-        return (dx, None, None, *in_param_order(grads))
+        # The gradients come in PARAM_NAMES order, without those of absent q/k/v biases (the last).
+        return (dx, None, None, *grads, *[None] * (len(PARAM_NAMES) - len(grads)))
 
 
 def forward_op(x, params, cfg: Config, provider):
@@ -98,7 +99,7 @@ def _traceable_forward(ns):
         kh, kw = x.size(2), x.size(3)
     return torch.ops.{ns}.forward(x, {", ".join(a for _, a in args)}, head_num, kh, kw, softmax, eps)[0]
 """
-    filename = f"<scsa_ops.function.{name}>"
+    filename = f"<scsa_ops.autograd.{name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     scope = {"torch": torch, "Tensor": torch.Tensor, "List": List, "Optional": Optional}
     exec(compile(source, filename, "exec"), scope)
