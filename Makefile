@@ -43,7 +43,7 @@ test-core: $(STAMP)
 # timm need torchvision, whose PyPI wheels run only on PyPI's torch of the same release, not on the
 # default CPU build: these run in the venv of FRAMEWORKS_TORCH (the GPU machine's torch).
 FRAMEWORKS_TORCH ?= torch==2.11.0
-FRAMEWORK_TESTS := tests/test_ultralytics.py tests/test_timm.py tests/test_mmengine.py
+FRAMEWORK_TESTS := tests/test_ultralytics.py tests/test_timm.py tests/test_mmengine.py tests/test_readme.py
 test-frameworks:
 	$(MAKE) --no-print-directory $(FRAMEWORKS_VENV)/.frameworks TORCH_SPEC=$(FRAMEWORKS_TORCH)
 	$(FRAMEWORKS_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --durations=10 $(FRAMEWORK_TESTS)

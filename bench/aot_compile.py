@@ -23,8 +23,8 @@ from scsa_ops.ops.triton.launches import all_kernels  # noqa: E402
 # ResNet-50 stages, a detection stage-1 map, a wide MobileNetV2 layer; both gate kinds, bias,
 # global pooling. fp16 compiles as bf16 does (same 16-bit loads, same fp32 math): bf16 stands
 # for both, and one shape stands for fp64 (verification only); the wide map in bf16 and global
-# pooling in fp32 only (the other dtype's code is the other shapes'): 62 variants, two minutes
-# cold on one core of a slow CPU (AMD EPYC Zen 3) for sm_90.
+# pooling in fp32 only (the other dtype's code is the other shapes'): 62 variants, so that a cold
+# compile for sm_90 fits a test's time on one core.
 SHAPES = [
     (dict(dim=64), (2, 64, 56, 56), (torch.float32, torch.bfloat16, torch.float64)),
     (dict(dim=512, head_num=8, qkv_bias=True), (2, 512, 7, 7), (torch.float32, torch.bfloat16)),

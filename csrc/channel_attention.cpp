@@ -164,9 +164,8 @@ struct HeadScorer {
   // Scores of NU key vectors at once (NU a constant, so they stay in registers): independent
   // accumulators let the N-long fmadd chains (and, for N == 1, the exponentials) overlap. Where
   // the register file holds twice NU accumulators, odd n go into a second set: twice the chains in
-  // flight. AVX2's 16 registers do not hold 2 x 8 and the two broadcasts: there the split spilled
-  // accumulators to the stack in every step (without it: the whole forward -5% at 14x14 maps, -2%
-  // at 28x28, AMD EPYC Zen 3).
+  // flight. AVX2's 16 registers do not hold 2 x 8 and the two broadcasts: there the split would
+  // spill accumulators to the stack in every step, so AVX2 keeps one set.
   // Each starts from `from` (minus the row's max: the subtraction rides in the fmadd chain).
   template <int NU>
   void scores(int64_t j0, V* s, A from) const {

@@ -90,7 +90,7 @@ std::vector<Tensor> forward(const Tensor& x_in, at::TensorList conv_weights, at:
     // samples take F1-F3 a channel group at a time, so that gated_pool finds X in L2 where pool
     // left it: a (64, 56, 56) fp32 sample (784 KiB) outgrows a 512 KiB L2, its groups do not. Not
     // channels_last, where a group is a quarter of every pixel: four strided sweeps of the sample
-    // cost 18-45% at 56x56 and 28x28 (Zen 3, caches flushed before each call).
+    // would read every cache line four times.
     const int64_t parts = f.channels_last ? 1 : 4;
     for_each_sample(B, [&](int64_t b) { run(b, 1, parts); });
   } else {

@@ -159,8 +159,8 @@ def test_missing_biases_act_as_zero(fused_on):
 
 
 def test_double_backward_raises(fused_on):
-    """Second derivatives through the fused backward were 50-110% off for the spatial-branch
-    parameters (its recomputed small tensors are constants): now a clear error."""
+    """The fused backward is not differentiable (its recomputed small tensors are constants, so a
+    second derivative through it would be wrong): create_graph=True is a clear error."""
     backend, device = fused_on
     m = SCSA(16, backend=backend).double().to(device)
     x = torch.randn(2, 16, 9, 9, dtype=torch.float64, device=device, requires_grad=True)
@@ -190,9 +190,8 @@ def test_invalid_backend_environment_variable(monkeypatch):
                               "group-in-sweeps-1e20"])
 def test_finite_input_whose_squares_overflow(cfg, shape, scale, fused_on):
     """A finite fp32 input around 1e20-1e30: the GroupNorm deviations' fp32 squares overflow though
-    the variance is finite in fp64. Before, the C++ path took rstd = 0 there and returned wrong
-    gates with no NaN to show it, as the Triton path did at 1e20 (eager fp32 returns NaN there, or
-    at 1e20 the same wrong numbers).
+    the variance is finite in fp64. Taken as they come, rstd = 0 gives wrong gates with no NaN to
+    show it (eager fp32 returns NaN there, or at 1e20 such wrong numbers).
     The C++ path sums those squares again in fp64 and gives the fp64 reference's output and
     gradients; the Triton path makes the statistics NaN (a second sweep spilled a bf16 kernel)."""
     backend, device = fused_on

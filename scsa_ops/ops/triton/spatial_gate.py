@@ -156,9 +156,8 @@ def _of_group(grp, v0, v1, v2, v3):
 def _group_conv(grp, w0, b0, w1, b1, w2, b2, w3, b3, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
                 K3: tl.constexpr):
     # Group grp's depthwise conv (weights, bias, kernel size, the taps of the groups before it),
-    # picked at run time: one inlined group body instead of four. The backward's eight copies (four
-    # groups, two branches) took 34 s to compile a (64, 56, 56) variant on a slow CPU, 5.5 s as one
-    # a branch; registers (sm_90): the backward none more, the forward at most 8 more, all <= 128.
+    # picked at run time: one inlined group body instead of four. Eight inlined copies (four groups,
+    # two branches) made the backward's compile several times slower for no fewer registers.
     return (_of_group(grp, w0, w1, w2, w3), _of_group(grp, b0, b1, b2, b3), _of_group(grp, K0, K1, K2, K3),
             _of_group(grp, 0, K0, K0 + K1, K0 + K1 + K2))
 
