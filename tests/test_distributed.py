@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from helpers import DispatchedOps, randomize_
+from helpers import TOL, DispatchedOps, randomize_
 from scsa_ops import SCSA
 
 
@@ -87,6 +87,6 @@ def test_two_processes_match_one_process_on_the_whole_batch(how, tmp_path):
     grads = _step(net, *_batch())
     assert grads.keys() == dist_run["grads"].keys() and any(n.startswith("1.") for n in grads)
     for n, g in grads.items():
-        torch.testing.assert_close(dist_run["grads"][n], g, rtol=1e-10, atol=1e-12, msg=n)
+        torch.testing.assert_close(dist_run["grads"][n], g, **TOL["fp64_close"], msg=n)
     for n, p in net.state_dict().items():
-        torch.testing.assert_close(dist_run["params"][n], p, rtol=1e-10, atol=1e-12, msg=n)
+        torch.testing.assert_close(dist_run["params"][n], p, **TOL["fp64_close"], msg=n)

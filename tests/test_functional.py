@@ -3,7 +3,7 @@ official parameter names, on every backend, differentiable w.r.t. input and ever
 import pytest
 import torch
 
-from helpers import pair, rel_err
+from helpers import TOL, pair, rel_err
 from scsa_ops import functional
 from scsa_ops.schema import PARAM_NAMES
 
@@ -27,9 +27,9 @@ def test_matches_the_module(cfg, shape, fused_on):
     grads = torch.autograd.grad(out, [x, *params.values()], go)
     out_r = ref(x)
     grads_r = torch.autograd.grad(out_r, [x, *ref.parameters()], go)
-    assert rel_err(out, out_r) < 1e-12
+    assert rel_err(out, out_r) < TOL[torch.float64]
     for name, g, g_r in zip(["x", *params], grads, grads_r):
-        assert (g - g_r).norm() <= 1e-10 * g_r.norm().clamp_min(1e-3), name
+        assert (g - g_r).norm() <= TOL["fp64_order"] * g_r.norm().clamp_min(1e-3), name
 
 
 def test_gradcheck():
@@ -42,7 +42,7 @@ def test_gradcheck():
     x = torch.randn(1, 8, 7, 9, dtype=torch.float64, device=device, requires_grad=True)
     tensors = [p.detach().clone().requires_grad_() for p in ref.parameters()]
     f = lambda x, *ts: functional.scsa(x, dict(zip(names, ts)), head_num=2, window_size=3, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x, *tensors), eps=1e-6, atol=1e-7, fast_mode=True)
+    assert torch.autograd.gradcheck(f, (x, *tensors), **TOL["gradcheck"], fast_mode=True)
 
 
 def test_qkv_biases_may_be_left_out():
@@ -50,7 +50,7 @@ def test_qkv_biases_may_be_left_out():
     params = dict(ref.named_parameters())
     assert not any(n.startswith(("q.", "k.", "v.")) and n.endswith("bias") for n in params)
     x = torch.randn(2, 16, 14, 14, dtype=torch.float64)
-    assert rel_err(functional.scsa(x, params, backend="cpp"), ref(x)) < 1e-12
+    assert rel_err(functional.scsa(x, params, backend="cpp"), ref(x)) < TOL[torch.float64]
 
 
 @pytest.mark.parametrize("change,exc,match", [

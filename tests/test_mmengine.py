@@ -13,7 +13,7 @@ import torch
 mmengine = pytest.importorskip("mmengine", reason="mmengine is not installed (CI: make test-frameworks)")
 
 import scsa_ops  # noqa: E402
-from helpers import randomize_  # noqa: E402
+from helpers import TOL, randomize_  # noqa: E402
 
 
 def test_custom_imports_register_scsa_in_a_fresh_process(tmp_path):
@@ -62,8 +62,8 @@ def test_build_plugin_layer_passes_in_channels():
     x_e = x.detach().requires_grad_()
     out_e = eager(x_e)
     (dx_e,) = torch.autograd.grad(out_e.square().sum(), x_e)
-    torch.testing.assert_close(out, out_e, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(dx, dx_e, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, out_e, **TOL["fp64_close"])
+    torch.testing.assert_close(dx, dx_e, **TOL["fp64_close"])
 
 
 def test_codebase_registries_build_scsa():

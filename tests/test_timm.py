@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("torchvision", reason="timm needs torchvision (CI: make test-frameworks)")
 timm = pytest.importorskip("timm", reason="timm is not installed (CI: make test-frameworks)")
 
-from helpers import DispatchedOps, randomize_  # noqa: E402
+from helpers import TOL, DispatchedOps, randomize_  # noqa: E402
 from scsa_ops import SCSA  # noqa: E402
 
 
@@ -43,10 +43,10 @@ def test_resnet50_with_fused_scsa_matches_the_eager_module():
     (loss_f, grads_f, ops_f), (loss_e, grads_e, ops_e) = results
     assert ops_f.count("scsa_cpp.forward.default") == 16 and ops_f.count("scsa_cpp.backward.default") == 16
     assert not [op for op in ops_e if op.startswith("scsa_cpp.")]
-    torch.testing.assert_close(loss_f, loss_e, rtol=1e-10, atol=0)
+    torch.testing.assert_close(loss_f, loss_e, **TOL["fp64_close"])
     assert grads_f.keys() == grads_e.keys()
     for n in grads_f:
-        torch.testing.assert_close(grads_f[n], grads_e[n], rtol=1e-8, atol=1e-12, msg=n)
+        torch.testing.assert_close(grads_f[n], grads_e[n], **TOL["fp64_network_close"], msg=n)
 
 
 def test_factory_keywords_place_the_parameters():

@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 
 import scsa_ops  # noqa: E402
 import scsa_ops.integrations.ultralytics  # noqa: E402, F401
-from helpers import randomize_  # noqa: E402
+from helpers import TOL, randomize_  # noqa: E402
 from official import OfficialSCSA  # noqa: E402
 
 YAML = Path(__file__).parent / "data" / "yolo11-scsa.yaml"
@@ -114,7 +114,7 @@ def test_train_validate_predict_export(workdir):
         expected = model(x)[0]
     session = ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
     got = session.run(None, {graph.input[0].name: x.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(torch.from_numpy(got), expected, **TOL["detection_close"])
 
 
 def test_official_class_checkpoint_converts_unchanged(workdir, tmp_path):
@@ -144,6 +144,6 @@ def test_official_class_checkpoint_converts_unchanged(workdir, tmp_path):
     with torch.no_grad():
         after = net(x)[0]
     boxes_after = loaded.predict(image, imgsz=IMGSZ, conf=0.0, device="cpu", verbose=False)[0].boxes.data
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(after, before, **TOL["detection_close"])
     assert len(boxes_before) > 0
-    torch.testing.assert_close(boxes_after, boxes_before, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(boxes_after, boxes_before, **TOL["detection_close"])

@@ -50,14 +50,18 @@ def memo(fn):
     return cached
 
 
+_PARAMETER_COUNT = len(schema.PARAMETER_ARGS.split(", "))
+
+
 def _small(x, *shape):
     return x.new_empty(shape, dtype=acc_dtype(x.dtype))
 
 
 def register_fakes(ns):
+    # The parameter arguments (schema.PARAMETER_ARGS) travel as one pack: their names live in schema.py.
     @torch.library.register_fake(f"{ns}::forward")
-    def _forward(x, conv_weights, conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias, norm_c_weight,
-                 norm_c_bias, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, head_num, kh, kw, softmax, eps):
+    def _forward(x, *args):
+        _head_num, kh, kw, _softmax, _eps = args[_PARAMETER_COUNT:]
         B, C, H, W = x.shape
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_format(x))
         return [out, _small(x, B, C, H), _small(x, 1, B, C, W), _small(x, B, C, H), _small(x, B, C, W),
@@ -75,11 +79,9 @@ def register_fakes(ns):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_format(x))
 
     @torch.library.register_fake(f"{ns}::backward")
-    def _backward(g, x, conv_weights, conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias,
-                  norm_c_weight, norm_c_bias, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, ph, pw, ah, aw, y,
-                  o, head_num, kh, kw, softmax, eps, input_grad):
-        params = schema.op_tensors(conv_weights, conv_biases, norm_h_weight, norm_h_bias, norm_w_weight, norm_w_bias,
-                                   norm_c_weight, norm_c_bias, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias)
+    def _backward(g, x, *args):
+        params = schema.op_tensors(*args[:_PARAMETER_COUNT])
+        _ph, _pw, ah, aw, _y, o, _head_num, kh, kw, softmax, _eps, input_grad = args[_PARAMETER_COUNT:]
         dx = _input_grad(g, x, ah, aw, o, None, None, None, kh, kw, softmax) if input_grad else x.new_empty(0)
         return [dx, _small(x, sum(t.numel() for t in params))]
 
