@@ -112,7 +112,7 @@ def test_softmax_gate_near_the_float_limit(weight, fused_on):
 
 def test_parameter_on_the_meta_device():
     """Built on the meta device, loaded with assign=True and a key missing: one parameter is still
-    meta. The C++ path used to run on it and return uninitialised memory."""
+    meta. A kernel reading it would return uninitialised memory: the call must raise instead."""
     with torch.device("meta"):
         m = SCSA(16, backend="cpp")
     sd = SCSA(16).state_dict()
