@@ -6,6 +6,7 @@
 // (D exponentials), as flash attention's backward does, and never stored as a D x D matrix.
 #include <cmath>
 
+#include "rank_one.h"
 #include "scsa.h"
 
 namespace scsa {
@@ -45,6 +46,58 @@ Projected<A> project(const Backward& bw, int64_t b) {
   return p;
 }
 
+// N == 1: the rows of one head within kMaxRadius (rank_one.h) by power series, as the forward
+// takes them. With x_i = s q_i, the keys centred (k_j = mid + d_j), Z_i = sum_j e^(x_i d_j) = den(x_i)
+// and E_i[f] = sum_j e^(x_i d_j) f_j / Z_i:
+//   o_i = num(x_i) / Z_i,  E_i[d] = den'(x_i) / Z_i,  E_i[v d] = num'(x_i) / Z_i,
+//   dq_i = s do_i (E_i[v d] - o_i E_i[d])   (mid cancels);
+// the key side sums over those rows are power series in d_j, with w_i = do_i / Z_i:
+//   dvbar_j += sum_p d_j^p W_p,                 W_p = sum_i w_i x_i^p / p!,
+//   dk_j += vbar_j sum_p d_j^p U_p - sum_p d_j^p T_p,  U_p = sum_i w_i x_i^(p+1) / p!, T_p = o_i-weighted U_p.
+// Every |x_i d_j| <= |x_i| rad <= kMaxRadius, so the forward's truncation bound holds on both sides:
+// O(D kTerms) per head instead of D^2 exponentials. by_series[i]: rows answered here; the others,
+// and every row of a head with a non-finite key, value or do (which the exponential loop
+// propagates as the eager module does), take the loop.
+template <typename A>
+void rank_one_backward(const Projected<A>& p, int64_t c0, int64_t D, A scale, const A* dO, A* dq, A* dk, A* dvbar,
+                       char* by_series) {
+  const A *k = p.k.data() + c0, *vbar = p.vbar.data() + c0;
+  A kmax = k[0], kmin = k[0];
+  for (int64_t j = 0; j < D; ++j) {
+    if (!std::isfinite(k[j]) || !std::isfinite(vbar[j]) || !std::isfinite(dO[c0 + j])) return;
+    kmax = std::max(kmax, k[j]), kmin = std::min(kmin, k[j]);
+  }
+  Moments m;
+  key_moments(k, vbar, D, kmax, kmin, m);
+  if (!(m.rad < std::numeric_limits<double>::infinity())) return;
+  double W[kTerms] = {}, U[kTerms] = {}, T[kTerms] = {};
+  for (int64_t i = 0; i < D; ++i) {
+    const double x = double(p.q[c0 + i]) * double(scale);
+    if (!(std::abs(x) * m.rad <= kMaxRadius)) continue;
+    // Horner for den and num, with their derivatives alongside.
+    double den = m.den[kTerms - 1], num = m.num[kTerms - 1], dden = 0, dnum = 0;
+    for (int t = kTerms - 2; t >= 0; --t) {
+      dden = dden * x + den, dnum = dnum * x + num;
+      den = den * x + m.den[t], num = num * x + m.num[t];
+    }
+    const double o = num / den, w = double(dO[c0 + i]) / den;
+    dq[c0 + i] = A(double(scale) * dO[c0 + i] * ((dnum - o * dden) / den));
+    double power = 1;  // x^t / t!
+    for (int t = 0; t < kTerms; ++t) {
+      W[t] += w * power, U[t] += w * x * power, T[t] += w * o * x * power;
+      power *= x / (t + 1);
+    }
+    by_series[i] = 1;
+  }
+  for (int64_t j = 0; j < D; ++j) {
+    const double d = double(k[j]) - m.mid;
+    double w = W[kTerms - 1], u = U[kTerms - 1], t = T[kTerms - 1];
+    for (int r = kTerms - 2; r >= 0; --r) w = w * d + W[r], u = u * d + U[r], t = t * d + T[r];
+    dvbar[c0 + j] += A(w);
+    dk[c0 + j] += A(double(vbar[j]) * u - t);
+  }
+}
+
 // dL/dQ and dL/dK ([n * C + c]) and dL/dvbar (C) of one head's channels [c0, c0 + D), given
 // do = dL/do. Per query row i: P_i = softmax_j(S_ij), S_ij = s sum_n Q_in K_jn,
 //   dvbar_j += P_ij do_i,  dS_ij = P_ij do_i (vbar_j - o_i),
@@ -57,7 +110,8 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
   const A* vbar = p.vbar.data() + c0;
   std::vector<A> score(D), prob(D);
   const V none(-std::numeric_limits<A>::infinity()), log2e(static_cast<A>(kLog2e));
-  for (int64_t i = 0; i < D; ++i) {
+  // Query row i by its D exponentials: adds into dvbar and dk, writes dq.
+  auto exact_row = [&](int64_t i) {
     const int64_t ci = c0 + i;
     // Scores, and the row's exact max (-inf in the lanes past D: a finite start could exceed every
     // score). N == 1 (7x7 maps under a 7x7 window, global pooling): one pass for both.
@@ -113,11 +167,16 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
     };
     if (N == 1) {  // dS is used once: computed where it is used
       dq_dk(0, ds_at);
-      continue;
+      return;
     }
     for_lanes<A>(D, [&](int64_t j, int64_t m) { store(score.data() + j, ds_at(j, m), m); });  // score: dS * s
     for (int64_t n = 0; n < N; ++n) dq_dk(n, [&](int64_t j, int64_t m) { return load(score.data() + j, m); });
-  }
+  };
+  std::vector<char> by_series(D, 0);
+  if constexpr (std::is_same_v<A, float>)
+    if (N == 1) rank_one_backward(p, c0, D, scale, dO, dq, dk, dvbar, by_series.data());
+  for (int64_t i = 0; i < D; ++i)
+    if (!by_series[i]) exact_row(i);
 }
 
 }  // namespace

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from helpers import TOL, DispatchedOps, forward_args, opcheck_ops, pair, rel_err
-from scsa_ops import _build, reference
+from helpers import TOL, DispatchedOps, forward_args, grad_err, opcheck_ops, pair, rel_err, run
+from scsa_ops import SCSA, _build, reference
 from scsa_ops.ops import cpp
 from scsa_ops.ops.library import output_format
 
@@ -114,6 +114,32 @@ def test_rank_one_attention(provider, shape, window_size):
     # alone moves a logit by ~1e-6: they are held to DESIGN.md's fp32 tolerance
     err = err.view(2, 2, 256)
     assert err[inside].max() < TOL["fp32_pass"] and err[~inside].max() < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("shape,window_size", [((2, 512, 7, 7), 7), ((2, 512, 9, 11), -1)])
+def test_rank_one_attention_backward(provider, shape, window_size, gate):
+    """The backward's rank-one path: rows with |x_i| * rad <= 3 give dq, and their share of dk and
+    dvbar, by power series; the others take the exponentials (the same weights as above put rows of
+    each head on both sides). Every gradient against the fp64 reference: within the fp32 tolerance,
+    or twice the fp32 eager module's error where the large scores make that the larger."""
+    cfg = dict(dim=512, head_num=2, qkv_bias=True, window_size=window_size, gate_layer=gate)
+    ref, fused = pair(cfg, backend="cpp", device="cpu")
+    eager = SCSA(**cfg, backend="eager").double()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        ref.q.weight.copy_(torch.linspace(0, 60, 512).view(512, 1, 1, 1)[torch.randperm(512, generator=g)])
+    fused.load_state_dict(ref.state_dict())
+    eager.load_state_dict(ref.state_dict())
+    x = torch.randn(shape, dtype=torch.float64, generator=g).float().double()
+    go = torch.randn(shape, dtype=torch.float64, generator=g)
+    _, dx_r, dp_r = run(ref, x, go)
+    _, dx_f, dp_f = run(fused.float(), x.float(), go)
+    _, dx_e, dp_e = run(eager.float(), x.float(), go)
+    assert rel_err(dx_f, dx_r) <= max(TOL[torch.float32], 2 * rel_err(dx_e, dx_r))
+    err_f, err_e = grad_err(dp_f, dp_r, 1e-2), grad_err(dp_e, dp_r, 1e-2)
+    for name in err_f:
+        assert err_f[name] <= max(TOL[torch.float32], 2 * err_e[name]), (name, err_f[name], err_e[name])
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
