@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 
 from .reference import EPS, forward_parts, window_of
-from .schema import PARAM_NAMES, PARAMETER_ARGS, Params, op_args
+from .schema import PARAM_NAMES, PARAMETERS, Params, op_args
 from .tracing import exporting
 
 
@@ -87,10 +87,10 @@ def _traceable_forward(ns):
     """The forward op of namespace `ns` in a TorchScript function that reads the pooling window
     from x's size: torch.jit.trace records the function, aten::size calls included, where a window
     computed in Python would be baked in as the traced size (wrong for global pooling at any other
-    size). Generated from schema.PARAMETER_ARGS; registered with linecache so that torch.jit.script
+    size). Generated from schema.PARAMETERS; registered with linecache so that torch.jit.script
     can read its source, and saved with a traced model like any scripted function."""
     types = {"Tensor": "Tensor", "Tensor[]": "List[Tensor]", "Tensor?": "Optional[Tensor]"}
-    args = [arg.split() for arg in PARAMETER_ARGS.split(", ")]
+    args = PARAMETERS
     name = f"{ns}_forward"
     source = f"""def {name}(x: Tensor, {", ".join(f"{a}: {types[kind]}" for kind, a in args)}, head_num: int,
         window_size: int, softmax: bool, eps: float) -> Tensor:

@@ -22,7 +22,8 @@ QKV_BIASES = ("q.bias", "k.bias", "v.bias")  # only with qkv_bias=True
 # The order of every internal list of parameters, of the ops' parameter arguments (PARAMETER_ARGS,
 # the conv weights and biases as two lists) and of the backward op's flat gradients. csrc/scsa.h's
 # indices into the latter (kConvW, ...) follow it; tests/test_cpp.py holds them to it.
-PARAM_NAMES = CONV_WEIGHTS + CONV_BIASES + NORM_H + NORM_W + NORM_C + QKV_WEIGHTS + QKV_BIASES
+_GROUP_NAMES = (CONV_WEIGHTS, CONV_BIASES, NORM_H, NORM_W, NORM_C, QKV_WEIGHTS, QKV_BIASES)
+PARAM_NAMES = sum(_GROUP_NAMES, ())
 OPTIONAL = frozenset(QKV_BIASES)
 
 _INDEX = {name: i for i, name in enumerate(PARAM_NAMES)}
@@ -32,12 +33,7 @@ def indices(names):
     return tuple(_INDEX[n] for n in names)
 
 
-def _slice(names):
-    first = _INDEX[names[0]]
-    return slice(first, first + len(names))
-
-
-_GROUPS = [_slice(g) for g in (CONV_WEIGHTS, CONV_BIASES, NORM_H, NORM_W, NORM_C, QKV_WEIGHTS, QKV_BIASES)]
+_GROUPS = [slice(_INDEX[g[0]], _INDEX[g[0]] + len(g)) for g in _GROUP_NAMES]
 
 
 class Params:
@@ -75,6 +71,8 @@ PARAMETER_ARGS = (
     "Tensor[] conv_weights, Tensor[] conv_biases, Tensor norm_h_weight, Tensor norm_h_bias, Tensor norm_w_weight, "
     "Tensor norm_w_bias, Tensor norm_c_weight, Tensor norm_c_bias, Tensor q_weight, Tensor k_weight, Tensor v_weight, "
     "Tensor? q_bias, Tensor? k_bias, Tensor? v_bias")
+# The same, as (type, name) pairs.
+PARAMETERS = tuple(tuple(arg.split()) for arg in PARAMETER_ARGS.split(", "))
 
 # The ops of one namespace (DESIGN.md sections 2-3). forward returns [out, p_h, p_w, a_h, a_w, Y, o]:
 # the output and the small intermediates the backward needs. backward is the whole backward in one

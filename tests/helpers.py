@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scsa_ops import SCSA, backends, reference
+from scsa_ops.autograd import SCSAFunction
 from scsa_ops.reference import SCSA as Reference
 from scsa_ops.schema import op_args
 
@@ -222,8 +223,6 @@ def check_low_precision(cfg, shape, dtype, channels_last, backend, device):
 
 def check_gradcheck(backend, dev):
     """fp64 gradcheck of SCSAFunction (fast mode) through x and every parameter at once."""
-    from scsa_ops.autograd import SCSAFunction
-
     cfg = dict(dim=8, head_num=2, qkv_bias=True, window_size=3, gate_layer="softmax")
     _, fused = pair(cfg, backend=backend, device=dev)
     x = torch.randn(1, 8, 7, 8, dtype=torch.float64, device=dev, requires_grad=True)

@@ -77,18 +77,14 @@ def test_codebase_registries_build_scsa():
     assert isinstance(m, scsa_ops.SCSA) and m.dim == 32
 
 
-def test_a_foreign_registration_is_replaced_with_a_warning():
+def test_a_foreign_registration_is_replaced_with_a_warning(monkeypatch):
     from mmengine.registry import Registry
 
     from scsa_ops.integrations import mmengine as integration
 
     child = Registry("model", parent=mmengine.registry.MODELS, scope="mmfake")
     child.register_module(name="SCSA", module=torch.nn.Identity)
-    original = integration.registries
-    integration.registries = lambda: [child]
-    try:
-        with pytest.warns(RuntimeWarning, match="mmfake's registry had SCSA = torch.nn.modules.linear.Identity"):
-            integration.register()
-    finally:
-        integration.registries = original
+    monkeypatch.setattr(integration, "registries", lambda: [child])
+    with pytest.warns(RuntimeWarning, match="mmfake's registry had SCSA = torch.nn.modules.linear.Identity"):
+        integration.register()
     assert child.module_dict["SCSA"] is integration.SCSA

@@ -39,10 +39,9 @@ def _placeholders(layer):
     return [m for m in layer.modules() if isinstance(m, SCSA)]
 
 
-def _probe_channels(model, ch):
-    """Run `model` (ultralytics' routing of outputs between layers) on zeros up to its last
-    placeholder, in eval mode so no BatchNorm statistic moves."""
-    last = max(i for i, layer in enumerate(model) if _placeholders(layer))
+def _probe_channels(model, ch, last):
+    """Run `model` (ultralytics' routing of outputs between layers) on zeros up to layer `last`, the
+    last placeholder's, in eval mode so no BatchNorm statistic moves."""
     was_training = model.training
     param = next(model.parameters(), None)
     x = torch.zeros(1, ch, PROBE_SIZE, PROBE_SIZE,
@@ -76,12 +75,12 @@ def _fuse_placeholders(layer):
 
 def _parse_model(original, d, ch, verbose=True):
     model, save = original(d, ch, verbose)
-    if not any(_placeholders(layer) for layer in model):
+    holding = [i for i, layer in enumerate(model) if _placeholders(layer)]
+    if not holding:
         return model, save
-    _probe_channels(model, ch)
-    for i, layer in enumerate(model):
-        if not _placeholders(layer):
-            continue
+    _probe_channels(model, ch, holding[-1])
+    for i in holding:
+        layer = model[i]
         fused = _fuse_placeholders(layer)
         fused.i, fused.f, fused.type = layer.i, layer.f, "scsa_ops.SCSA"
         fused.np = sum(p.numel() for p in fused.parameters())

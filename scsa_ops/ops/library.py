@@ -50,7 +50,7 @@ def memo(fn):
     return cached
 
 
-_PARAMETER_COUNT = len(schema.PARAMETER_ARGS.split(", "))
+_PARAMETER_COUNT = len(schema.PARAMETERS)
 
 
 def _small(x, *shape):
