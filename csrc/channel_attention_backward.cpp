@@ -106,6 +106,7 @@ template <typename A>
 void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int64_t D, const A* dO, A* dq, A* dk,
                    A* dvbar) {
   using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
   const A scale = A(1) / std::sqrt(A(D));
   const A* vbar = p.vbar.data() + c0;
   std::vector<A> score(D), prob(D);
@@ -124,16 +125,24 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
         mx = at::vec::maximum(mx, V::set(none, sj, m));
       });
     } else {
-      std::fill(score.begin(), score.end(), A(0));
-      for (int64_t n = 0; n < N; ++n) {
-        const V qv(p.q[n * C + ci] * scale);
-        const A* krow = p.k.data() + n * C + c0;
-        for_lanes<A>(D, [&](int64_t j, int64_t m) {
-          store(score.data() + j, at::vec::fmadd(qv, load(krow + j, m), load(score.data() + j, m)), m);
-        });
-      }
-      for_lanes<A>(
-          D, [&](int64_t j, int64_t m) { mx = at::vec::maximum(mx, V::set(none, load(score.data() + j, m), m)); });
+      // Runs of up to 8 key vectors whose scores stay in registers while the N positions stream
+      // past (a store/load round trip of every score per position bounded this loop).
+      for_runs<A>(D, [&](auto nf, auto tail, int64_t j0) {
+        constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
+        const int64_t n_tail = D - j0 - NF * L;
+        V acc[NV];
+        for (int k = 0; k < NV; ++k) acc[k] = V(0);
+        for (int64_t n = 0; n < N; ++n) {
+          const V qv(p.q[n * C + ci] * scale);
+          const A* krow = p.k.data() + n * C + c0 + j0;
+          for (int k = 0; k < NV; ++k) acc[k] = at::vec::fmadd(qv, load(krow + k * L, k < NF ? L : n_tail), acc[k]);
+        }
+        for (int k = 0; k < NV; ++k) {
+          const int64_t m = k < NF ? L : n_tail;
+          store(score.data() + j0 + k * L, acc[k], m);
+          mx = at::vec::maximum(mx, V::set(none, acc[k], m));
+        }
+      });
     }
     // Exponentials, with their sum and their sum against vbar: o_i = num / den.
     const V shift(reduce_max(mx));
@@ -169,8 +178,25 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
       dq_dk(0, ds_at);
       return;
     }
-    for_lanes<A>(D, [&](int64_t j, int64_t m) { store(score.data() + j, ds_at(j, m), m); });  // score: dS * s
-    for (int64_t n = 0; n < N; ++n) dq_dk(n, [&](int64_t j, int64_t m) { return load(score.data() + j, m); });
+    // dS * s in registers, a run of up to 8 key vectors at a time, while the N positions stream past.
+    for_runs<A>(D, [&](auto nf, auto tail, int64_t j0) {
+      constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
+      const int64_t n_tail = D - j0 - NF * L;
+      V ds[NV];
+      for (int k = 0; k < NV; ++k) ds[k] = ds_at(j0 + k * L, k < NF ? L : n_tail);
+      for (int64_t n = 0; n < N; ++n) {
+        const A* krow = p.k.data() + n * C + c0 + j0;
+        A* dkrow = dk + n * C + c0 + j0;
+        const V qn(p.q[n * C + ci]);
+        V acc(0);
+        for (int k = 0; k < NV; ++k) {
+          const int64_t m = k < NF ? L : n_tail;
+          acc = at::vec::fmadd(ds[k], load(krow + k * L, m), acc);
+          store(dkrow + k * L, at::vec::fmadd(ds[k], qn, load(dkrow + k * L, m)), m);
+        }
+        dq[n * C + ci] += reduce_sum(acc);
+      }
+    });
   };
   std::vector<char> by_series(D, 0);
   if constexpr (std::is_same_v<A, float>)

@@ -13,6 +13,51 @@ struct Sums {
   void *r, *s, *u, *v;
 };
 
+// One window row of one plane (`rows` rows from g and x; `full`: a whole window row, which also
+// feeds U and V), in runs of up to 8 vectors of columns: S's and V's sums and a_w stay in registers
+// while the rows stream past, so a row costs its two loads (a store/load round trip of the sums per
+// row bounded this pass well below the copy's speed). Out: each row's R partial (a vector, added
+// over the runs), X a_w of each row for U's window sums, and the S and V rows in whole vectors.
+template <typename T>
+void window_row_sums(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, int64_t W, int64_t rows, bool full,
+                     Vectorized<acc_t<T>>* r_part, acc_t<T>* xaw, int64_t xaw_stride, acc_t<T>* s_row,
+                     acc_t<T>* v_row) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  for_runs<A>(W, [&](auto nf, auto tail, int64_t w0) {
+    constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
+    const int64_t n_tail = W - w0 - NF * L;
+    V s[NV], v[NV], a_w[NV];
+    for (int k = 0; k < NV; ++k) {
+      s[k] = V(0), v[k] = V(0);
+      a_w[k] = k < NF ? V::loadu(aw + w0 + k * L) : load(aw + w0 + k * L, n_tail);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const V a_h(ah[r]);
+      const T *gr = g + r * W + w0, *xr = x + r * W + w0;
+      prefetch_ahead(xr, NV * L * int64_t(sizeof(T)));
+      prefetch_ahead(gr, NV * L * int64_t(sizeof(T)));
+      V r_sum(0);
+      for (int k = 0; k < NV; ++k) {
+        const int64_t n = k < NF ? L : n_tail;
+        const auto xv = load(xr + k * L, n), gx = load(gr + k * L, n) * xv;
+        r_sum = at::vec::fmadd(gx, a_w[k], r_sum);
+        s[k] = at::vec::fmadd(gx, a_h, s[k]);
+        if (full) {
+          v[k] = at::vec::fmadd(xv, a_h, v[k]);
+          (xv * a_w[k]).store(xaw + r * xaw_stride + w0 + k * L);
+        }
+      }
+      r_part[r] = w0 == 0 ? r_sum : r_part[r] + r_sum;
+    }
+    for (int k = 0; k < NV; ++k) {
+      s[k].store(s_row + w0 + k * L);
+      if (full) v[k].store(v_row + w0 + k * L);
+    }
+  });
+}
+
 template <typename T>
 void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, const Sums& out, int64_t planes,
                      int64_t H, int64_t W, int64_t kh, int64_t kw) {
@@ -20,37 +65,25 @@ void gate_grads_nchw(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
   using V = Vectorized<A>;
   const int64_t ho = H / kh, wo = W / kw, hc = (H + kh - 1) / kh, wc = wo * kw;
   A *R = static_cast<A*>(out.r), *S = static_cast<A*>(out.s), *U = static_cast<A*>(out.u), *Vs = static_cast<A*>(out.v);
-  // The window row's S and V sums accumulate in local rows of whole vectors (a partial vector,
-  // every row of a 7-, 14- or 28-wide map, would be stored through a buffer on each of its kh
-  // rows) and are written out once per window row.
   constexpr int64_t L = V::size();
   const int64_t Wv = (W + L - 1) / L * L;
   at::parallel_for(0, planes, grain(2 * H * W), [&](int64_t begin, int64_t end) {
-    std::vector<A> xaw(Wv + L), s_acc(Wv), v_acc(Wv);  // xaw: window_sums reads a vector past a window
+    // xaw: window_sums reads a vector past a row's last window
+    std::vector<A> xaw(kh * Wv + L), s_row(Wv), v_row(Wv);
+    std::vector<V> r_part(kh);
     for (int64_t p = begin; p < end; ++p) {
-      const A* a_w = aw + p * W;
       RowSums<A> r_sums{R + p * H, false};
       for (int64_t i = 0; i < hc; ++i) {
         const bool full = i < ho;  // a whole window row, not the leftover rows
-        std::fill(s_acc.begin(), s_acc.end(), A(0));
-        std::fill(v_acc.begin(), v_acc.end(), A(0));
-        for (int64_t h = i * kh; h < std::min(H, (i + 1) * kh); ++h) {
-          const V a_h(ah[p * H + h]);
-          const T* gr = g + (p * H + h) * W;
-          const T* xr = x + (p * H + h) * W;
-          V r(0);
-          for_lanes<A>(W, [&](int64_t w, int64_t n) {
-            const auto xv = load(xr + w, n), gx = load(gr + w, n) * xv, aw_v = load(a_w + w, n);
-            r = at::vec::fmadd(gx, aw_v, r);
-            at::vec::fmadd(gx, a_h, V::loadu(s_acc.data() + w)).store(s_acc.data() + w);
-            (xv * aw_v).store(xaw.data() + w);
-            if (full) at::vec::fmadd(xv, a_h, V::loadu(v_acc.data() + w)).store(v_acc.data() + w);
-          });
-          r_sums.push(r);
-          if (full) window_sums(xaw.data(), U + (p * ho * kh + h) * wo, kw, wo, A(1));
+        const int64_t h0 = i * kh, rows = std::min(H, h0 + kh) - h0;
+        window_row_sums(g + (p * H + h0) * W, x + (p * H + h0) * W, ah + p * H + h0, aw + p * W, W, rows, full,
+                        r_part.data(), xaw.data(), Wv, s_row.data(), v_row.data());
+        for (int64_t r = 0; r < rows; ++r) r_sums.push(r_part[r]);
+        std::copy(s_row.begin(), s_row.begin() + W, S + (p * hc + i) * W);
+        if (full) {
+          window_sums(xaw.data(), U + (p * ho * kh + h0) * wo, kw, wo, A(1), rows, Wv);
+          std::copy(v_row.begin(), v_row.begin() + wc, Vs + (p * ho + i) * wc);
         }
-        std::copy(s_acc.begin(), s_acc.begin() + W, S + (p * hc + i) * W);
-        if (full) std::copy(v_acc.begin(), v_acc.begin() + wc, Vs + (p * ho + i) * wc);
       }
       r_sums.flush();
     }

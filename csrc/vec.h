@@ -207,34 +207,48 @@ C10_ALWAYS_INLINE void row_sums4(const Vectorized<A> (&rows)[4], A* out, bool ac
   for (int i = 0; i < 4; ++i) row_sum(rows[i], out + i, accumulate);
 }
 
-// y[j] = scale * sum_{t < kw} row[j * kw + t] for j < wo; row must be readable to (wo - 1) * kw +
-// one vector. fp32 windows of at most one vector: window j is the vector loaded at its first
-// column with the lanes past kw cleared, and row_sums4 sums four such windows in one
-// transpose-and-add tree (~8 instructions a window where the scalar loop takes ~2 a column). (One
-// vgatherdps of 8 windows' columns a tap needs fewer instructions still, but a gather's latency
-// makes it slower: DESIGN.md section 6.)
+// y[r * wo + j] = scale * sum_{t < kw} row[r * stride + j * kw + t] for r < rows, j < wo: the
+// windows of `rows` rows `stride` apart, their sums back to back; each row must be readable to
+// (wo - 1) * kw + one vector. fp32 windows of at most one vector: a window is the vector loaded at
+// its first column with the lanes past kw cleared, and row_sums4 sums four such windows, of one row
+// or consecutive ones, in one transpose-and-add tree (~8 instructions a window where the scalar
+// loop takes ~2 a column; taking the rows together keeps narrow maps, 1-3 windows a row, on it).
+// (One vgatherdps of 8 windows' columns a tap needs fewer instructions still, but a gather's
+// latency makes it slower: DESIGN.md section 6.)
 template <typename A>
-inline void window_sums(const A* row, A* y, int64_t kw, int64_t wo, A scale) {
+inline void window_sums(const A* row, A* y, int64_t kw, int64_t wo, A scale, int64_t rows = 1, int64_t stride = 0) {
   using V = Vectorized<A>;
+  const int64_t count = rows * wo;
   if constexpr (std::is_same_v<A, float>) {
-    if (kw <= V::size() && wo >= 4) {  // (fewer windows cost the tree more than the loop)
+    if (kw <= V::size() && count >= 4) {  // (fewer windows cost the tree more than the loop)
       const V keep = V::set(V(0), V(0) == V(0), kw);
-      for (int64_t j = 0; j < wo; j += 4) {
-        const int64_t n = std::min<int64_t>(4, wo - j);
+      int64_t r = 0, j = 0;  // the next window's row and index in it
+      for (int64_t w = 0; w < count; w += 4) {
+        const int64_t n = std::min<int64_t>(4, count - w);
         V windows[4];
-        for (int64_t r = 0; r < 4; ++r) windows[r] = r < n ? V::loadu(row + (j + r) * kw) & keep : V(0);
+        for (int64_t i = 0; i < 4; ++i) {
+          windows[i] = i < n ? V::loadu(row + r * stride + j * kw) & keep : V(0);
+          if (++j == wo) j = 0, ++r;
+        }
+        if (n == 4) {  // straight into y: a bounce buffer became a variable-length memcpy
+          row_sums4(windows, y + w, false);
+          if (scale != A(1))
+            for (int64_t i = 0; i < 4; ++i) y[w + i] *= scale;
+          continue;
+        }
         alignas(16) A sums[4];
         row_sums4(windows, sums, false);
-        for (int64_t r = 0; r < n; ++r) y[j + r] = sums[r] * scale;
+        for (int64_t i = 0; i < n; ++i) y[w + i] = sums[i] * scale;
       }
       return;
     }
   }
-  for (int64_t j = 0; j < wo; ++j) {
-    A s = 0;
-    for (int64_t t = j * kw; t < (j + 1) * kw; ++t) s += row[t];
-    y[j] = s * scale;
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < wo; ++j) {
+      A s = 0;
+      for (int64_t t = j * kw; t < (j + 1) * kw; ++t) s += row[r * stride + t];
+      y[r * wo + j] = s * scale;
+    }
 }
 
 // Row sums of a run of consecutive rows: push each row's vector in order; out[i] (+)= the sum of

@@ -9,7 +9,17 @@ import sys
 import pytest
 import torch
 
-from helpers import TOL, DispatchedOps, forward_args, grad_err, opcheck_ops, pair, rel_err, run
+from helpers import (
+    TOL,
+    DispatchedOps,
+    assert_matches_reference,
+    forward_args,
+    grad_err,
+    opcheck_ops,
+    pair,
+    rel_err,
+    run,
+)
 from scsa_ops import SCSA, _build, reference
 from scsa_ops.ops import cpp
 from scsa_ops.ops.library import output_format
@@ -64,6 +74,19 @@ def test_channel_attention_blocks(provider, dim, head_num, shape):
                                                      (ref.q.weight, ref.k.weight, ref.v.weight),
                                                      (ref.q.bias, ref.k.bias, ref.v.bias), head_num)
         assert rel_err(o, o_r) < tol, dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dim,head_num,shape", [
+    (400, 2, (1, 400, 14, 15)),  # D = 200 keys, N = 4: the attention's runs of 8 vectors, then a shorter one, partial
+    (8, 1, (2, 8, 17, 150)),     # W = 150: gate_grads' runs of 8 vectors, then a partial one; leftover rows
+    (16, 2, (2, 16, 14, 14)),    # 2 windows a row: U's window sums taken across the rows of a window row
+])
+def test_backward_register_runs(provider, dim, head_num, shape, dtype):
+    """The backward loops that hold their sums in registers over runs of up to 8 vectors (the channel
+    attention's scores and dS for N > 1, gate_grads' R, S, V and U) on several runs, partial
+    vectors and leftover rows: forward, dx and every parameter gradient against the fp64 reference."""
+    assert_matches_reference(dict(dim=dim, head_num=head_num, qkv_bias=True), shape, dtype, "cpp", "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
