@@ -227,7 +227,6 @@ void channel_attention_backward(Backward& bw, int64_t b, const A* dA, A* ac) {
   const A *gamma = bw.norm_c_weight.const_data_ptr<A>(), *wq = bw.q_weight.const_data_ptr<A>();
   const A *wk = bw.k_weight.const_data_ptr<A>(), *wv = bw.v_weight.const_data_ptr<A>();
   std::vector<A> dyhat(M);
-  double mean_d = 0, mean_dy = 0;
   for (int64_t c = 0; c < C; ++c) {
     const A dv = dvbar[c] / A(N);
     double sq = 0, sk = 0, syn = 0, sg = 0, sb = 0;
@@ -236,8 +235,7 @@ void channel_attention_backward(Backward& bw, int64_t b, const A* dA, A* ac) {
       const A yn = p.yn[t], dyn = wq[c] * dq[t] + wk[c] * dk[t] + wv[c] * dv;
       sq += double(dq[t]) * yn, sk += double(dk[t]) * yn, syn += yn;
       sg += double(dyn) * p.yhat[t], sb += dyn;
-      const A dh = dyhat[t] = gamma[c] * dyn;
-      mean_d += dh, mean_dy += double(dh) * p.yhat[t];
+      dyhat[t] = gamma[c] * dyn;
     }
     dwq[c] = A(sq), dwk[c] = A(sk), dwv[c] = A(dv * syn);
     dgamma[c] = A(sg), dbeta[c] = A(sb);
@@ -247,7 +245,8 @@ void channel_attention_backward(Backward& bw, int64_t b, const A* dA, A* ac) {
       part[bw.at[kQkvB] + c] = A(bq), part[bw.at[kQkvB + 1] + c] = A(bk), part[bw.at[kQkvB + 2] + c] = dvbar[c];
     }
   }
-  const A md = A(mean_d / M), mdy = A(mean_dy / M);
+  const A md = A(fp64_sum(M, [&](int64_t t) { return double(dyhat[t]); }) / M);
+  const A mdy = A(fp64_sum(M, [&](int64_t t) { return double(dyhat[t]) * p.yhat[t]; }) / M);
   // dL/dY, spread later over each window: / (KH KW).
   const A to_window = p.rstd / A(bw.kh * bw.kw);
   A* dy = bw.dy.data_ptr<A>() + b * M;

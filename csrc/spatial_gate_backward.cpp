@@ -44,7 +44,6 @@ void group_backward(const Group<A>& g, bool softmax, A eps) {
   const std::vector<A> mean_padded = padded_rows(g.mean, G, L, pad);
   const A rstd = normalised(g, mean_padded, eps, zhat);
   // Gate and affine; dz holds dL/dzhat until the normalisation's backward below.
-  double mean_d = 0, mean_dz = 0;
   for (int64_t c = 0; c < G; ++c) {
     const A *a = g.a + c * L, *da = g.da + c * L;
     A dot = 0;
@@ -55,12 +54,12 @@ void group_backward(const Group<A>& g, bool softmax, A eps) {
       const A dzn = softmax ? a[l] * (da[l] - dot) : da[l] * a[l] * (A(1) - a[l]);
       const int64_t i = c * L + l;
       sg += dzn * zhat[i], sb += dzn;
-      const A dh = dz[i] = g.gamma[c] * dzn;
-      mean_d += dh, mean_dz += double(dh) * zhat[i];
+      dz[i] = g.gamma[c] * dzn;
     }
     g.dgamma[c] = sg, g.dbeta[c] = sb;
   }
-  const A md = A(mean_d / M), mdz = A(mean_dz / M);
+  const A md = A(fp64_sum(M, [&](int64_t i) { return double(dz[i]); }) / M);
+  const A mdz = A(fp64_sum(M, [&](int64_t i) { return double(dz[i]) * zhat[i]; }) / M);
   for (int64_t i = 0; i < M; ++i) dz[i] = rstd * (dz[i] - md - zhat[i] * mdz);
   // The conv: bias, weight, and its input (a mean of `count` values: / count for the sums).
   const A per_sum = A(1) / A(g.count);
