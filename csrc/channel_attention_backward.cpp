@@ -110,6 +110,7 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
   const A scale = A(1) / std::sqrt(A(D));
   const A* vbar = p.vbar.data() + c0;
   std::vector<A> score(D), prob(D);
+  std::vector<V> dq_sums(N);
   const V none(-std::numeric_limits<A>::infinity()), log2e(static_cast<A>(kLog2e));
   // Query row i by its D exponentials: adds into dvbar and dk, writes dq.
   auto exact_row = [&](int64_t i) {
@@ -126,7 +127,9 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
       });
     } else {
       // Runs of up to 8 key vectors whose scores stay in registers while the N positions stream
-      // past (a store/load round trip of every score per position bounded this loop).
+      // past (a store/load round trip of every score per position bounded this loop); the max in
+      // four chains (one chain through the row waits on each maximum's latency).
+      V maxima[4] = {none, none, none, none};
       for_runs<A>(D, [&](auto nf, auto tail, int64_t j0) {
         constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
         const int64_t n_tail = D - j0 - NF * L;
@@ -140,9 +143,10 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
         for (int k = 0; k < NV; ++k) {
           const int64_t m = k < NF ? L : n_tail;
           store(score.data() + j0 + k * L, acc[k], m);
-          mx = at::vec::maximum(mx, V::set(none, acc[k], m));
+          maxima[k % 4] = at::vec::maximum(maxima[k % 4], V::set(none, acc[k], m));
         }
       });
+      mx = at::vec::maximum(at::vec::maximum(maxima[0], maxima[1]), at::vec::maximum(maxima[2], maxima[3]));
     }
     // Exponentials, with their sum and their sum against vbar: o_i = num / den.
     const V shift(reduce_max(mx));
@@ -178,7 +182,9 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
       dq_dk(0, ds_at);
       return;
     }
-    // dS * s in registers, a run of up to 8 key vectors at a time, while the N positions stream past.
+    // dS * s in registers, a run of up to 8 key vectors at a time, while the N positions stream past;
+    // dq's sums carried over the runs as vectors (one lane reduction per position, not per run).
+    std::fill(dq_sums.begin(), dq_sums.end(), V(0));
     for_runs<A>(D, [&](auto nf, auto tail, int64_t j0) {
       constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
       const int64_t n_tail = D - j0 - NF * L;
@@ -188,15 +194,16 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
         const A* krow = p.k.data() + n * C + c0 + j0;
         A* dkrow = dk + n * C + c0 + j0;
         const V qn(p.q[n * C + ci]);
-        V acc(0);
+        V acc = dq_sums[n];
         for (int k = 0; k < NV; ++k) {
           const int64_t m = k < NF ? L : n_tail;
           acc = at::vec::fmadd(ds[k], load(krow + k * L, m), acc);
           store(dkrow + k * L, at::vec::fmadd(ds[k], qn, load(dkrow + k * L, m)), m);
         }
-        dq[n * C + ci] += reduce_sum(acc);
+        dq_sums[n] = acc;
       }
     });
+    for (int64_t n = 0; n < N; ++n) dq[n * C + ci] = reduce_sum(dq_sums[n]);
   };
   std::vector<char> by_series(D, 0);
   if constexpr (std::is_same_v<A, float>)
