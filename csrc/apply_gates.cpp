@@ -46,10 +46,12 @@ void apply_planes(const T* src, T* dst, const Gates<acc_t<T>> g, int64_t begin, 
       const V a_h(g.ah[p * H + h]);
       V dph(0);
       if constexpr (kInputGrad) {
-        if (h % kh == 0) {
+        if (h % kh == 0) {  // a window row's dY spread over its columns (a division per column cost more than the row)
           std::fill(up, up + Wv, A(0));
-          if (h < ho * kh)
-            for (int64_t w = 0; w < wo * kw; ++w) up[w] = g.dy[(p * ho + h / kh) * wo + w / kw];
+          if (h < ho * kh) {
+            const A* dy = g.dy + (p * ho + h / kh) * wo;
+            for (int64_t j = 0; j < wo; ++j) std::fill(up + j * kw, up + (j + 1) * kw, dy[j]);
+          }
         }
         dph = V(g.dph[p * H + h]);
       }
