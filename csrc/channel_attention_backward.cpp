@@ -109,11 +109,13 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
   constexpr int64_t L = V::size();
   const A scale = A(1) / std::sqrt(A(D));
   const A* vbar = p.vbar.data() + c0;
-  std::vector<A> score(D), prob(D);
-  std::vector<V> dq_sums(N);
+  const int64_t Dv = (D + L - 1) / L * L;
+  std::vector<A> score(D), prob(D), ds_rows(2 * Dv);
+  std::vector<V> dq_sums(2 * N);
   const V none(-std::numeric_limits<A>::infinity()), log2e(static_cast<A>(kLog2e));
-  // Query row i by its D exponentials: adds into dvbar and dk, writes dq.
-  auto exact_row = [&](int64_t i) {
+  // Query row i by its D exponentials: adds into dvbar; N == 1: adds into dk and writes dq, N > 1:
+  // leaves dS * s in row `slot` of ds_rows for apply_rows.
+  auto exact_row = [&](int64_t i, int64_t slot) {
     const int64_t ci = c0 + i;
     // Scores, and the row's exact max (-inf in the lanes past D: a finite start could exceed every
     // score). N == 1 (7x7 maps under a 7x7 window, global pooling): one pass for both.
@@ -166,50 +168,68 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
       store(dvbar + c0 + j, at::vec::fmadd(pj, do_i, load(dvbar + c0 + j, m)), m);
       return V::set(V(0), pj * do_i * (load(vbar + j, m) - o_i) * V(scale), m);
     };
-    auto dq_dk = [&](int64_t n, auto ds_of) {
-      const A* krow = p.k.data() + n * C + c0;
-      A* dkrow = dk + n * C + c0;
-      const V qn(p.q[n * C + ci]);
+    if (N == 1) {  // dS is used once: computed where it is used
+      const A* krow = p.k.data() + c0;
+      const V qn(p.q[ci]);
       V acc(0);
       for_lanes<A>(D, [&](int64_t j, int64_t m) {
-        const V ds = ds_of(j, m);
+        const V ds = ds_at(j, m);
         acc = at::vec::fmadd(ds, load(krow + j, m), acc);
-        store(dkrow + j, at::vec::fmadd(ds, qn, load(dkrow + j, m)), m);
+        store(dk + c0 + j, at::vec::fmadd(ds, qn, load(dk + c0 + j, m)), m);
       });
-      dq[n * C + ci] = reduce_sum(acc);
-    };
-    if (N == 1) {  // dS is used once: computed where it is used
-      dq_dk(0, ds_at);
+      dq[ci] = reduce_sum(acc);
       return;
     }
-    // dS * s in registers, a run of up to 8 key vectors at a time, while the N positions stream past;
-    // dq's sums carried over the runs as vectors (one lane reduction per position, not per run).
-    std::fill(dq_sums.begin(), dq_sums.end(), V(0));
+    A* ds_row = ds_rows.data() + slot * Dv;
+    for_lanes<A>(D, [&](int64_t j, int64_t m) { store(ds_row + j, ds_at(j, m), m); });
+  };
+  // N > 1: dq and dk of R consecutive rows from their dS in ds_rows. A run of up to 8 key vectors of
+  // each row's dS stays in registers while the N positions stream past, and the rows share each
+  // load of K and each load and store of dK (per row, those bounded this loop); dq's sums are
+  // carried over the runs as vectors. Every sum takes its terms in the order of one row at a time.
+  auto apply_rows = [&](int64_t i0, auto rows) {
+    constexpr int R = decltype(rows)::value;
+    std::fill(dq_sums.begin(), dq_sums.begin() + R * N, V(0));
     for_runs<A>(D, [&](auto nf, auto tail, int64_t j0) {
       constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
       const int64_t n_tail = D - j0 - NF * L;
-      V ds[NV];
-      for (int k = 0; k < NV; ++k) ds[k] = ds_at(j0 + k * L, k < NF ? L : n_tail);
+      V ds[R][NV];
+      for (int r = 0; r < R; ++r)
+        for (int k = 0; k < NV; ++k) ds[r][k] = load(ds_rows.data() + r * Dv + j0 + k * L, k < NF ? L : n_tail);
       for (int64_t n = 0; n < N; ++n) {
         const A* krow = p.k.data() + n * C + c0 + j0;
         A* dkrow = dk + n * C + c0 + j0;
-        const V qn(p.q[n * C + ci]);
-        V acc = dq_sums[n];
+        V qn[R], acc[R];
+        for (int r = 0; r < R; ++r) qn[r] = V(p.q[n * C + c0 + i0 + r]), acc[r] = dq_sums[r * N + n];
         for (int k = 0; k < NV; ++k) {
           const int64_t m = k < NF ? L : n_tail;
-          acc = at::vec::fmadd(ds[k], load(krow + k * L, m), acc);
-          store(dkrow + k * L, at::vec::fmadd(ds[k], qn, load(dkrow + k * L, m)), m);
+          const V kv = load(krow + k * L, m);
+          V d = load(dkrow + k * L, m);
+          for (int r = 0; r < R; ++r) {
+            acc[r] = at::vec::fmadd(ds[r][k], kv, acc[r]);
+            d = at::vec::fmadd(ds[r][k], qn[r], d);
+          }
+          store(dkrow + k * L, d, m);
         }
-        dq_sums[n] = acc;
+        for (int r = 0; r < R; ++r) dq_sums[r * N + n] = acc[r];
       }
     });
-    for (int64_t n = 0; n < N; ++n) dq[n * C + ci] = reduce_sum(dq_sums[n]);
+    for (int r = 0; r < R; ++r)
+      for (int64_t n = 0; n < N; ++n) dq[n * C + c0 + i0 + r] = reduce_sum(dq_sums[r * N + n]);
   };
+  if (N > 1) {
+    int64_t i = 0;
+    for (; i + 2 <= D; i += 2) {
+      exact_row(i, 0), exact_row(i + 1, 1);
+      apply_rows(i, std::integral_constant<int, 2>{});
+    }
+    if (i < D) exact_row(i, 0), apply_rows(i, std::integral_constant<int, 1>{});
+    return;
+  }
   std::vector<char> by_series(D, 0);
-  if constexpr (std::is_same_v<A, float>)
-    if (N == 1) rank_one_backward(p, c0, D, scale, dO, dq, dk, dvbar, by_series.data());
+  if constexpr (std::is_same_v<A, float>) rank_one_backward(p, c0, D, scale, dO, dq, dk, dvbar, by_series.data());
   for (int64_t i = 0; i < D; ++i)
-    if (!by_series[i]) exact_row(i);
+    if (!by_series[i]) exact_row(i, 0);
 }
 
 }  // namespace
