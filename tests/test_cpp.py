@@ -81,11 +81,13 @@ def test_channel_attention_blocks(provider, dim, head_num, shape):
     (400, 2, (1, 400, 14, 15)),  # D = 200 keys, N = 4: the attention's runs of 8 vectors, then a shorter one, partial
     (8, 1, (2, 8, 17, 150)),     # W = 150: gate_grads' runs of 8 vectors, then a partial one; leftover rows
     (16, 2, (2, 16, 14, 14)),    # 2 windows a row: U's window sums taken across the rows of a window row
+    (36, 4, (2, 36, 14, 14)),    # D = 9: query rows in pairs, then one on its own
 ])
 def test_backward_register_runs(provider, dim, head_num, shape, dtype):
     """The backward loops that hold their sums in registers over runs of up to 8 vectors (the channel
-    attention's scores and dS for N > 1, gate_grads' R, S, V and U) on several runs, partial
-    vectors and leftover rows: forward, dx and every parameter gradient against the fp64 reference."""
+    attention's scores and dS for N > 1, two query rows at a time, gate_grads' R, S, V and U) on
+    several runs, partial vectors, an odd head and leftover rows: forward, dx and every parameter
+    gradient against the fp64 reference."""
     assert_matches_reference(dict(dim=dim, head_num=head_num, qkv_bias=True), shape, dtype, "cpp", "cpu")
 
 
