@@ -132,18 +132,18 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
       // past (a store/load round trip of every score per position bounded this loop); the max in
       // four chains (one chain through the row waits on each maximum's latency).
       V maxima[4] = {none, none, none, none};
-      for_runs<A>(D, [&](auto nf, auto tail, int64_t j0) {
-        constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
-        const int64_t n_tail = D - j0 - NF * L;
+      for_runs<A>(D, [&](auto run) {
+        constexpr int NV = decltype(run)::size;
+        const int64_t j0 = run.w0;
         V acc[NV];
         for (int k = 0; k < NV; ++k) acc[k] = V(0);
         for (int64_t n = 0; n < N; ++n) {
           const V qv(p.q[n * C + ci] * scale);
           const A* krow = p.k.data() + n * C + c0 + j0;
-          for (int k = 0; k < NV; ++k) acc[k] = at::vec::fmadd(qv, load(krow + k * L, k < NF ? L : n_tail), acc[k]);
+          for (int k = 0; k < NV; ++k) acc[k] = at::vec::fmadd(qv, load(krow + k * L, run.lanes(k)), acc[k]);
         }
         for (int k = 0; k < NV; ++k) {
-          const int64_t m = k < NF ? L : n_tail;
+          const int64_t m = run.lanes(k);
           store(score.data() + j0 + k * L, acc[k], m);
           maxima[k % 4] = at::vec::maximum(maxima[k % 4], V::set(none, acc[k], m));
         }
@@ -190,19 +190,19 @@ void head_backward(const Projected<A>& p, int64_t C, int64_t N, int64_t c0, int6
   auto apply_rows = [&](int64_t i0, auto rows) {
     constexpr int R = decltype(rows)::value;
     std::fill(dq_sums.begin(), dq_sums.begin() + R * N, V(0));
-    for_runs<A>(D, [&](auto nf, auto tail, int64_t j0) {
-      constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
-      const int64_t n_tail = D - j0 - NF * L;
+    for_runs<A>(D, [&](auto run) {
+      constexpr int NV = decltype(run)::size;
+      const int64_t j0 = run.w0;
       V ds[R][NV];
       for (int r = 0; r < R; ++r)
-        for (int k = 0; k < NV; ++k) ds[r][k] = load(ds_rows.data() + r * Dv + j0 + k * L, k < NF ? L : n_tail);
+        for (int k = 0; k < NV; ++k) ds[r][k] = load(ds_rows.data() + r * Dv + j0 + k * L, run.lanes(k));
       for (int64_t n = 0; n < N; ++n) {
         const A* krow = p.k.data() + n * C + c0 + j0;
         A* dkrow = dk + n * C + c0 + j0;
         V qn[R], acc[R];
         for (int r = 0; r < R; ++r) qn[r] = V(p.q[n * C + c0 + i0 + r]), acc[r] = dq_sums[r * N + n];
         for (int k = 0; k < NV; ++k) {
-          const int64_t m = k < NF ? L : n_tail;
+          const int64_t m = run.lanes(k);
           const V kv = load(krow + k * L, m);
           V d = load(dkrow + k * L, m);
           for (int r = 0; r < R; ++r) {

@@ -25,14 +25,11 @@ void window_row_sums(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
-  for_runs<A>(W, [&](auto nf, auto tail, int64_t w0) {
-    constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
-    const int64_t n_tail = W - w0 - NF * L;
+  for_runs<A>(W, [&](auto run) {
+    constexpr int NV = decltype(run)::size;
+    const int64_t w0 = run.w0;
     V s[NV], v[NV], a_w[NV];
-    for (int k = 0; k < NV; ++k) {
-      s[k] = V(0), v[k] = V(0);
-      a_w[k] = k < NF ? V::loadu(aw + w0 + k * L) : load(aw + w0 + k * L, n_tail);
-    }
+    for (int k = 0; k < NV; ++k) s[k] = V(0), v[k] = V(0), a_w[k] = load(aw + w0 + k * L, run.lanes(k));
     for (int64_t r = 0; r < rows; ++r) {
       const V a_h(ah[r]);
       const T *gr = g + r * W + w0, *xr = x + r * W + w0;
@@ -40,7 +37,7 @@ void window_row_sums(const T* g, const T* x, const acc_t<T>* ah, const acc_t<T>*
       prefetch_ahead(gr, NV * L * int64_t(sizeof(T)));
       V r_sum(0);
       for (int k = 0; k < NV; ++k) {
-        const int64_t n = k < NF ? L : n_tail;
+        const int64_t n = run.lanes(k);
         const auto xv = load(xr + k * L, n), gx = load(gr + k * L, n) * xv;
         r_sum = at::vec::fmadd(gx, a_w[k], r_sum);
         s[k] = at::vec::fmadd(gx, a_h, s[k]);

@@ -17,19 +17,17 @@ void window_row(const T* rows, const acc_t<T>* ah, const acc_t<T>* aw, acc_t<T>*
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
-  for_runs<A>(wc, [&](auto nf, auto tail, int64_t w0) {
-    constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
-    const int64_t n_tail = wc - w0 - NF * L;
+  for_runs<A>(wc, [&](auto run) {
+    constexpr int NV = decltype(run)::size;
+    const int64_t w0 = run.w0;
     V acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = V(0);
     for (int64_t r = 0; r < kh; ++r) {
       const V a_h(ah[r]);
       const T* row = rows + r * W + w0;
-      for (int v = 0; v < NV; ++v)
-        acc[v] = at::vec::fmadd(v < NF ? load(row + v * L, L) : load(row + v * L, n_tail), a_h, acc[v]);
+      for (int v = 0; v < NV; ++v) acc[v] = at::vec::fmadd(load(row + v * L, run.lanes(v)), a_h, acc[v]);
     }
-    for (int v = 0; v < NV; ++v)
-      (acc[v] * (v < NF ? V::loadu(aw + w0 + v * L) : load(aw + w0 + v * L, n_tail))).store(weighted + w0 + v * L);
+    for (int v = 0; v < NV; ++v) (acc[v] * load(aw + w0 + v * L, run.lanes(v))).store(weighted + w0 + v * L);
   });
 }
 

@@ -13,9 +13,9 @@ void plane_sums(const T* plane, acc_t<T>* ph, acc_t<T>* pw, int64_t H, int64_t W
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
-  for_runs<A>(W, [&](auto nf, auto tail, int64_t w0) {
-    constexpr int NF = decltype(nf)::value, NV = NF + decltype(tail)::value;
-    const int64_t n_tail = W - w0 - NF * L;
+  for_runs<A>(W, [&](auto run) {
+    constexpr int NV = decltype(run)::size;
+    const int64_t w0 = run.w0;
     V col[NV];
     for (int v = 0; v < NV; ++v) col[v] = V(0);
     auto sum_of_row = [&](int64_t h) {
@@ -23,7 +23,7 @@ void plane_sums(const T* plane, acc_t<T>* ph, acc_t<T>* pw, int64_t H, int64_t W
       prefetch_ahead(row, NV * L * int64_t(sizeof(T)));
       V sum(0);
       for (int v = 0; v < NV; ++v) {
-        const auto x = v < NF ? load(row + v * L, L) : load(row + v * L, n_tail);
+        const auto x = load(row + v * L, run.lanes(v));
         col[v] += x;
         sum += x;
       }
@@ -36,7 +36,7 @@ void plane_sums(const T* plane, acc_t<T>* ph, acc_t<T>* pw, int64_t H, int64_t W
       row_sums4(rows, ph + h, accumulate);
     }
     for (; h < H; ++h) row_sum(sum_of_row(h), ph + h, accumulate);
-    for (int v = 0; v < NV; ++v) store(pw + w0 + v * L, col[v], v < NF ? L : n_tail);
+    for (int v = 0; v < NV; ++v) store(pw + w0 + v * L, col[v], run.lanes(v));
   });
 }
 

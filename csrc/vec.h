@@ -346,27 +346,36 @@ std::vector<A> padded_rows(const A* src, int64_t G, int64_t L, int64_t pad) {
   return out;
 }
 
-// Column runs for loops that keep one accumulator a vector in registers: calls
-// f(std::integral_constant<int, NF>, std::bool_constant<TAIL>, w0) for runs of NF whole vectors
-// from column w0 (at most 8), the last run with TAIL: one more, partial vector of len % L lanes.
-// The counts are compile-time, so the hot loops carry no per-vector checks (a runtime count cost
-// two tests and two taken jumps a vector).
+// One run of for_runs: `size` vectors from column w0, NF whole ones and, with kTail, a last one of
+// `tail` lanes.
+template <typename A, int NF, bool kTail>
+struct Run {
+  static constexpr int size = NF + kTail;
+  int64_t w0, tail;
+  // Lanes of the run's k-th vector (L for the whole ones: loops over k unroll and fold it).
+  constexpr int64_t lanes(int k) const { return k < NF ? Vectorized<A>::size() : tail; }
+};
+
+// Column runs for loops that keep one accumulator a vector in registers: calls f(Run) for runs of
+// at most 8 vectors, the last one partial where len is not a whole number of vectors. The counts
+// are compile-time, so the hot loops carry no per-vector checks (a runtime count cost two tests
+// and two taken jumps a vector).
 template <typename A, int NF = 0, typename F>
-inline void run_of(int64_t full, bool tail, int64_t w0, const F& f) {
+inline void run_of(int64_t full, int64_t tail, int64_t w0, const F& f) {
   if constexpr (NF < 8)
     if (full != NF) return run_of<A, NF + 1>(full, tail, w0, f);
   if (tail)
-    f(std::integral_constant<int, NF>{}, std::true_type{}, w0);
+    f(Run<A, NF, true>{w0, tail});
   else if constexpr (NF > 0)  // (no run is empty)
-    f(std::integral_constant<int, NF>{}, std::false_type{}, w0);
+    f(Run<A, NF, false>{w0, 0});
 }
 
 template <typename A, typename F>
 inline void for_runs(int64_t len, const F& f) {
   constexpr int64_t L = Vectorized<A>::size();
   int64_t w0 = 0;
-  for (; len - w0 >= 9 * L; w0 += 8 * L) f(std::integral_constant<int, 8>{}, std::false_type{}, w0);
-  if (len > w0) run_of<A>((len - w0) / L, (len - w0) % L != 0, w0, f);
+  for (; len - w0 >= 9 * L; w0 += 8 * L) f(Run<A, 8, false>{w0, 0});
+  if (len > w0) run_of<A>((len - w0) / L, (len - w0) % L, w0, f);
 }
 
 }  // namespace scsa
