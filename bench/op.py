@@ -7,14 +7,22 @@ unavailable, never silently replaced by the eager fallback).
     python -m bench.op --preset resnet50 mobilenetv2 --dtype fp32 bf16 --mode fwd fwd+bwd \\
         --memory-format nchw channels_last [--batch 8] [--threads 2] [--no-compile]
 
-Writes a markdown table to stdout, and JSON + PNG (default bench/out/op.json, op.png). fwd+bwd writes
-every parameter after each backward (new versions, as an optimizer step makes), for every variant.
+Writes a markdown table to stdout, and JSON + PNG (default bench/out/op.json, op.png). fwd+bwd is a
+training step as the op sees it, for every variant: the gradients set to None before the backward
+(optimizer.zero_grad()), and every parameter given a new version after it, as an optimizer step
+does (torch.autograd.graph.increment_version; the step's own arithmetic is left out).
+On a CPU the tensors come from glibc's allocator as a CPU user gets it (default, self-adjusting mmap
+and trim thresholds): whether a large tensor reuses freed heap pages or maps fresh ones, whose
+first-touch page faults then count in the times, depends on its state, and it moves the times of
+allocation-heavy variants (eager most) more than any kernel change. To take it out, fix the
+thresholds: GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967295.
 Modelled bytes: DESIGN.md traffic units (full reads/writes of X) x bytes of X; GB/s of the fused
 op as a fraction of the copy's measured GB/s says how close it runs to the memory limit.
 """
 import itertools
 
 import torch
+from torch.autograd.graph import increment_version
 
 from scsa_ops import SCSA
 from scsa_ops.models import BUILDERS, scsa_input_shapes
@@ -67,12 +75,16 @@ def _call(module, x, mode):
         params = list(module.parameters())
 
         def run():
+            # A training step as the op sees it: zero_grad() (set_to_none, its default) leaves no
+            # gradient to accumulate into, so the backward hands each parameter its fresh one.
             x.grad = None
+            for p in params:
+                p.grad = None
             module(x).backward(g)
-            # What an optimizer step does to the parameters as far as the op can tell: a write, so a
-            # new version of each (one foreach op; a check cached per version would show here).
-            with torch.no_grad():
-                torch._foreach_add_(params, 0.0)
+            # The optimizer step's effect on the op: a new version of every parameter (a check
+            # cached per version would show here). Its arithmetic is the optimizer's, the same for
+            # every variant; bench.model --train times a real one.
+            increment_version(params)
     return run
 
 

@@ -142,12 +142,16 @@ def test_compile_baseline_compiles_every_case():
         assert counters["stats"]["unique_graphs"] == 1, n
 
 
-def test_training_bench_gives_the_parameters_new_versions():
-    """bench.op's fwd+bwd step writes the parameters, as an optimizer does: the fused path is timed
-    as a training step sees it, with nothing cached per parameter version."""
+def test_training_bench_steps_as_an_optimizer():
+    """bench.op's fwd+bwd step is a training step as the op sees it: every parameter gets a new
+    version each step (nothing cached per version survives), and its gradient is the step's own,
+    as after optimizer.zero_grad(), not accumulated over the timed calls."""
     module = scsa_ops.SCSA(8)
     run = bench_op._call(module, torch.randn(1, 8, 7, 7, requires_grad=True), "fwd+bwd")
     run()
     versions = [p._version for p in module.parameters()]
+    grads = [p.grad.clone() for p in module.parameters()]
     run()
     assert all(p._version > v for p, v in zip(module.parameters(), versions))
+    for p, g in zip(module.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
