@@ -108,6 +108,32 @@ def test_no_host_read_in_a_training_step(monkeypatch, backend, device):
     assert [op for op in mode.ops if op.rsplit(".", 1)[0] in HOST_READS] == []
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="torch.cuda.set_sync_debug_mode needs a GPU")
+def test_no_cuda_sync_in_a_training_step():
+    """The same rule by torch's own check on a GPU: under set_sync_debug_mode("error") every
+    synchronising CUDA call raises, here across forward, backward and an SGD step with momentum of
+    a model holding the fused SCSA (the Triton path), the parameters new at every step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), SCSA(32, head_num=4, backend="triton")).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(2, 16, 28, 28, device="cuda")
+
+    def step():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+    step()  # the kernels are compiled and the momentum buffers made before the check
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graph capture needs a GPU")
 def test_cuda_graph_capture_and_replay():
     _, fused = pair(dict(dim=64, head_num=4), backend="triton", device="cuda")
