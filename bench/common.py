@@ -129,7 +129,7 @@ def machine(device):
                 device_type=device.type, cpu=cpu_name(), cpu_id=cpu_id(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 kernels_isa=scsa_ops.cpu_capability(),  # the C++ kernels that ran: ATEN_CPU_CAPABILITY lowers both
-                cpu_count=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                cpu_count=os.cpu_count(), threads=torch.get_num_threads(), malloc=_malloc, torch=torch.__version__,
                 triton=triton_version, cuda=torch.version.cuda, python=platform.python_version(),
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return info
@@ -139,7 +139,7 @@ def machine_line(info):
     dev = info["device"]
     if info["device_type"] != "cuda":
         dev += (f" ({info.get('cpu_id', 'cpu id not recorded')}; torch at {info['cpu_capability']}, "
-                f"C++ kernels {info.get('kernels_isa')})")
+                f"C++ kernels {info.get('kernels_isa')}; malloc {info.get('malloc', 'default')})")
     return (f"{dev}, {info['threads']} threads, torch {info['torch']}, triton {info['triton']}, "
             f"{info['timestamp']}")
 
@@ -182,14 +182,47 @@ def parser(doc, out):
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--out", default=out, help="JSON path; the PNG goes beside it")
+    ap.add_argument("--malloc", choices=["pinned", "default"], default="pinned",
+                    help="CPU: 'pinned' (default) fixes glibc's mmap and trim thresholds, so that a large tensor "
+                         "reuses freed heap pages whatever ran before it (pin_heap); 'default' keeps glibc's "
+                         "self-adjusting thresholds")
     return ap
 
 
+# What pin_heap() made of the CPU allocator; machine() records it with every result.
+_malloc = "default"
+
+
+def pin_heap():
+    """Large CPU tensors from glibc's heap, reused as a caching allocator reuses a GPU's: the mmap
+    and trim thresholds fixed at 1 GiB. glibc's own thresholds adapt to the process's allocation
+    history, so whether a tensor past them is an mmap of fresh pages (first-touch page faults in
+    every call) or reused heap depends on what the process allocated before: in a side-by-side run,
+    on the other variants (the torch.compile baseline's allocations moved the fused op's times),
+    and eager, with its many full-size temporaries, most. A no-op without glibc; machine() says
+    which it was."""
+    import ctypes
+
+    global _malloc
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        _malloc = "default (not glibc)"
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
+        _malloc = "pinned"
+
+
 def setup(args):
-    """The device the benchmark runs on (a GPU if there is one), with the thread count applied."""
+    """The device the benchmark runs on (a GPU if there is one), with the thread count and, on a
+    CPU, the allocator setting (--malloc) applied."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and args.malloc == "pinned":
+        pin_heap()
+    return device
 
 
 def figure():

@@ -37,7 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from bench.common import machine, machine_line  # noqa: E402
+from bench.common import machine, machine_line, pin_heap  # noqa: E402
 from bench.op import DTYPES, MEMORY_FORMATS, PRESETS, preset_shapes  # noqa: E402
 from scsa_ops import SCSA, backends  # noqa: E402
 from scsa_ops.autograd import fused_scsa  # noqa: E402
@@ -201,22 +201,6 @@ def table(results):
     return "\n".join(lines)
 
 
-def _heap_allocations():
-    """Large CPU tensors from glibc's heap: past its mmap threshold (which moves with the process's
-    allocation history) each is an mmap and munmap a call, page faults included, where a GPU run's
-    caching allocator hands a freed block straight back; which shapes crossed it depended on the
-    order they ran in (2x at some). A no-op without glibc."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
-
 def host_us(shapes, dtype_name, memory_format, calls=100, repeats=30):
     """[{shape, forward_us, train_us}]: host time per call of scsa_ops.SCSA(C, backend='triton')
     as a GPU run makes it (the module's checks, dispatch, launchers, allocations), every kernel
@@ -226,7 +210,7 @@ def host_us(shapes, dtype_name, memory_format, calls=100, repeats=30):
     the minimum is what the code costs)."""
     import time
 
-    _heap_allocations()
+    pin_heap()  # as a GPU run's caching allocator hands a freed block straight back
     provider = triton_provider()[0]
     triton_for, resolved = backends._triton_for, backends._resolved
     backends._triton_for = lambda device: (provider, None)  # the provider of a CUDA device

@@ -11,11 +11,11 @@ Writes a markdown table to stdout, and JSON + PNG (default bench/out/op.json, op
 training step as the op sees it, for every variant: the gradients set to None before the backward
 (optimizer.zero_grad()), and every parameter given a new version after it, as an optimizer step
 does (torch.autograd.graph.increment_version; the step's own arithmetic is left out).
-On a CPU the tensors come from glibc's allocator as a CPU user gets it (default, self-adjusting mmap
-and trim thresholds): whether a large tensor reuses freed heap pages or maps fresh ones, whose
-first-touch page faults then count in the times, depends on its state, and it moves the times of
-allocation-heavy variants (eager most) more than any kernel change. To take it out, fix the
-thresholds: GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967295.
+On a CPU, glibc's mmap and trim thresholds are pinned (--malloc, common.pin_heap): large tensors
+reuse freed heap pages, so that no variant's times depend on what the others allocated before it
+(with glibc's self-adjusting thresholds the torch.compile baseline's allocations moved the fused
+op's), and eager, which allocates most, is at its strongest. --malloc default measures glibc as it
+comes, first-touch page faults of fresh mappings included.
 Modelled bytes: DESIGN.md traffic units (full reads/writes of X) x bytes of X; GB/s of the fused
 op as a fraction of the copy's measured GB/s says how close it runs to the memory limit.
 """

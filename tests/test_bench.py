@@ -10,8 +10,8 @@ from bench import common
 from bench import model as bench_model
 from bench import op as bench_op
 
-MACHINE = {"device", "device_type", "cpu", "cpu_id", "cpu_capability", "kernels_isa", "cpu_count", "threads", "torch",
-           "triton", "cuda", "python", "timestamp"}
+MACHINE = {"device", "device_type", "cpu", "cpu_id", "cpu_capability", "kernels_isa", "cpu_count", "threads", "malloc",
+           "torch", "triton", "cuda", "python", "timestamp"}
 OP_ROW = {"preset", "count", "shape", "dtype", "mode", "memory_format", "fused_backend", "eager_ms", "compile_ms",
           "fused_ms", "copy_ms", "speedup_vs_eager", "speedup_vs_compile", "x_bytes", "fused_modelled_bytes",
           "copy_gbps", "fused_gbps", "fused_fraction_of_copy_bw", "launches"}
@@ -34,6 +34,8 @@ def _read(path):
     assert set(payload["machine"]) == MACHINE and payload["machine"]["threads"] >= 1
     assert payload["machine"]["kernels_isa"] == scsa_ops.cpu_capability()
     assert payload["machine"]["cpu_id"] == common.cpu_id() and common.cpu_id() != "unknown"
+    # --malloc pinned (the default) on a glibc CPU machine: each variant's times are its own.
+    assert payload["machine"]["malloc"] == "pinned"
     return payload
 
 
