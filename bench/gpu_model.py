@@ -201,13 +201,36 @@ def table(results):
     return "\n".join(lines)
 
 
+def _autograd_floor(params):
+    """An autograd.Function with SCSA's inputs and none of its work: the forward saves x and the
+    parameters and allocates the output, the backward hands back gradients made once. What torch's
+    autograd (apply, the engine, one edge per parameter) costs a training call before any of the
+    package's own host code."""
+    grads = [torch.zeros_like(p) for p in params]
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, *params):
+            ctx.save_for_backward(x, *params)
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            _ = ctx.saved_tensors  # unpacked, as every backward does
+            return (g, *grads)
+
+    return Floor.apply
+
+
 def host_us(shapes, dtype_name, memory_format, calls=100, repeats=30):
-    """[{shape, forward_us, train_us}]: host time per call of scsa_ops.SCSA(C, backend='triton')
-    as a GPU run makes it (the module's checks, dispatch, launchers, allocations), every kernel
-    launch stubbed before Triton's own launch path (kernel.run: scsa_ops.ops.triton.launches.LaunchRecorder), on
-    CPU tensors. forward: an inference call; train: forward + backward. Min over `repeats` runs of
-    `calls` calls, every case in each round (a shared machine's timing swings by 2x for seconds at a time:
-    the minimum is what the code costs)."""
+    """[{shape, forward_us, train_us, autograd_floor_us}]: host time per call of
+    scsa_ops.SCSA(C, backend='triton') as a GPU run makes it (the module's checks, dispatch,
+    launchers, allocations), every kernel launch stubbed before Triton's own launch path (kernel.run:
+    scsa_ops.ops.triton.launches.LaunchRecorder), on CPU tensors. forward: an inference call;
+    train: forward + backward; autograd_floor: the same forward + backward of _autograd_floor, the
+    part of train that is torch's. Min over `repeats` runs of `calls` calls, every case in each
+    round (a shared machine's timing swings by 2x for seconds at a time: the minimum is what the
+    code costs)."""
     import time
 
     pin_heap()  # as a GPU run's caching allocator hands a freed block straight back
@@ -231,6 +254,11 @@ def host_us(shapes, dtype_name, memory_format, calls=100, repeats=30):
             def train(module=module, xg=xg, wrt=wrt, g=g):  # autograd.grad: no .grad accumulation (CPU work)
                 torch.autograd.grad(module(xg), wrt, g)
 
+            floor_apply = _autograd_floor(wrt[1:])
+
+            def floor(apply=floor_apply, wrt=wrt, g=g):
+                torch.autograd.grad(apply(*wrt), wrt, g)
+
             row = {"shape": list(shape)}
             out.append(row)
             for key, fn, grad in (("forward_us", forward, False), ("train_us", train, True)):
@@ -240,6 +268,8 @@ def host_us(shapes, dtype_name, memory_format, calls=100, repeats=30):
                 row["launches_" + key[:-3]] = rec.count
                 row[key] = float("inf")
                 timed.append((row, key, fn, grad))
+            row["autograd_floor_us"] = float("inf")
+            timed.append((row, "autograd_floor_us", floor, True))
         # Interleaved: a slow spell of the machine (seconds long) then hits every case alike.
         for _ in range(repeats):
             for row, key, fn, grad in timed:
@@ -270,10 +300,11 @@ def main(argv=None):
         rows = host_us(shapes, args.dtype, args.memory_format)
         info = machine(torch.device("cpu"))
         print(f"Host time per call, launches stubbed, {args.dtype}, {args.memory_format}: {machine_line(info)}")
-        print("| shape | forward us (launches) | forward + backward us (launches) |\n| --- | --- | --- |")
+        print("| shape | forward us (launches) | forward + backward us (launches) | of which autograd's floor us |\n"
+              "| --- | --- | --- | --- |")
         for r in rows:
             print(f"| {tuple(r['shape'])} | {r['forward_us']} ({r['launches_forward']}) | {r['train_us']} "
-                  f"({r['launches_train']}) |")
+                  f"({r['launches_train']}) | {r['autograd_floor_us']} |")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(machine=info, dtype=args.dtype, memory_format=args.memory_format, host=rows), f,

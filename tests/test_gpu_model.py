@@ -80,6 +80,7 @@ def test_host_time_counts_the_real_launch_path(tmp_path):
     for r in rows:
         assert (r["launches_forward"], r["launches_train"]) == (4, 9), r
         assert 0 < r["forward_us"] < r["train_us"], r
+        assert 0 < r["autograd_floor_us"] < r["train_us"], r
 
     import gc
     import weakref
