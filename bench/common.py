@@ -205,12 +205,12 @@ def pin_heap():
 
     global _malloc
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
         _malloc = "default (not glibc)"
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    if libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
+    if mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 1 << 30):
         _malloc = "pinned"
 
 
