@@ -77,7 +77,7 @@ PARAMETERS = tuple(tuple(arg.split()) for arg in PARAMETER_ARGS.split(", "))
 # The ops of one namespace (DESIGN.md sections 2-3). forward returns [out, p_h, p_w, a_h, a_w, Y, o]:
 # the output and the small intermediates the backward needs. backward is the whole backward in one
 # call, [dX (empty unless input_grad), every parameter gradient, flat, in PARAM_NAMES order, in the
-# accumulator dtype] (one flat tensor: op outputs may not alias, and splitting it is views only);
+# accumulator dtype] (one flat tensor: op outputs may not alias, and cutting it copies nothing);
 # gate_grads and input_grad are its two full-size passes, also ops of their own. The pooling window
 # is SymInt: with global pooling it is the map's size, which torch.export keeps symbolic.
 SCHEMAS = {

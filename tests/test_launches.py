@@ -17,8 +17,8 @@ from scsa_ops.ops.triton.launches import LaunchRecorder
 LAUNCHERS = {"forward": forward, "backward": backward, "gate_grads": gate_grads, "input_grad": input_grad}
 ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
                torch.ops.aten.empty_strided.default, torch.ops.aten.new_empty.default}
-# What splits the backward op's flat gradients into the parameters' shapes: views, no compute.
-VIEWS = {torch.ops.aten.as_strided.default}
+# What cuts the backward op's flat gradients into the parameters' shapes: no compute.
+GRADIENT_SPLIT = {torch.ops.aten.unsafe_split_with_sizes.default, torch.ops.aten.as_strided_.default}
 
 
 class FullSizeOps(TorchDispatchMode):
@@ -36,7 +36,7 @@ class FullSizeOps(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (tuple, list)) else [out]
         big = any(isinstance(t, torch.Tensor) and t.numel() >= self.numel for t in outs)
-        if big and not self.recorder.active and func not in ALLOCATIONS | VIEWS:
+        if big and not self.recorder.active and func not in ALLOCATIONS | GRADIENT_SPLIT:
             self.ops.append(str(func))
         return out
 
